@@ -1,0 +1,39 @@
+"""Intake: an event and log ingestion service."""
+from flask import Flask
+
+from app.config import PROJECT_ROOT, Config
+from app.extensions import celery_init_app, db, migrate
+from app.pending import pending_store_from_config
+from app.publisher import Publisher
+from app.rules import RulesCache
+
+
+def create_app(config: dict | None = None) -> Flask:
+    """Build the Flask app; `config` overrides settings read from the environment."""
+    settings = Config()
+    app = Flask(__name__, instance_path=settings.INSTANCE_PATH, static_folder=None)
+    app.config.from_object(settings)
+    app.config.update(config or {})
+    app.json.sort_keys = False
+
+    db.init_app(app)
+    migrate.init_app(app, db, directory=str(PROJECT_ROOT / "migrations"))
+    celery = celery_init_app(app)
+    pending = pending_store_from_config(app.config)
+    app.extensions["intake.pending"] = pending
+    app.extensions["intake.rules"] = RulesCache(app.config["RULES_CACHE_TTL"])
+    app.extensions["intake.publisher"] = Publisher(
+        celery,
+        pending,
+        window_ms=app.config["INGEST_GROUP_WINDOW_MS"],
+        max_events=app.config["INGEST_GROUP_MAX_EVENTS"],
+        timeout=app.config["INGEST_PUBLISH_TIMEOUT"],
+    )
+
+    from app import cli, errors, tasks  # noqa: F401  (tasks register themselves with Celery)
+    from app.ingest.views import bp as ingest_bp
+
+    app.register_blueprint(ingest_bp)
+    errors.register_error_handlers(app)
+    cli.register_commands(app)
+    return app

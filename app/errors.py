@@ -1,0 +1,73 @@
+"""The one JSON error shape, and the handlers that make every error use it."""
+import logging
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+# Codes for errors raised by Flask/Werkzeug themselves (unknown route, 405, ...).
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "unprocessable_entity",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "service_unavailable",
+}
+
+
+class ApiError(Exception):
+    """An error with an HTTP status, a stable code and a message for the client."""
+
+    def __init__(self, status, code, message, details=None, headers=None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+        self.headers = headers or {}
+
+    def to_dict(self):
+        error = {"code": self.code, "message": self.message}
+        if self.details:
+            error["details"] = self.details
+        return {"error": error}
+
+
+def error_response(status, code, message, details=None, headers=None):
+    """Build the JSON error response for any route."""
+    error = ApiError(status, code, message, details, headers)
+    response = jsonify(error.to_dict())
+    response.status_code = status
+    response.headers.update(error.headers)
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def handle_api_error(error):
+        return error_response(error.status, error.code, error.message, error.details, error.headers)
+
+    @app.errorhandler(HTTPException)
+    def handle_http_exception(error):
+        status = error.code or 500
+        headers = {}
+        if status == 405 and error.valid_methods:
+            headers["Allow"] = ", ".join(error.valid_methods)
+        return error_response(status, HTTP_CODES.get(status, "http_error"), error.description, headers=headers)
+
+    @app.errorhandler(Exception)
+    def handle_unexpected(error):
+        # The trace goes to the log; the client only learns that it was our fault.
+        log.exception("unhandled error")
+        from app.extensions import db
+
+        db.session.rollback()
+        return error_response(500, "internal_error", "Something went wrong on our side; retry later.")

@@ -1,0 +1,175 @@
+"""Storing events: bulk, idempotent writes; failed events; status look-ups."""
+import logging
+import random
+from datetime import datetime, timezone
+
+import sqlalchemy as sa
+from flask import current_app
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+from app.extensions import db
+from app.models import Event, FailedEvent, new_id
+
+log = logging.getLogger(__name__)
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _from_us(micros: int) -> datetime:
+    return datetime.fromtimestamp(micros // 1_000_000, tz=timezone.utc).replace(microsecond=micros % 1_000_000)
+
+
+def _insert(table):
+    dialect = postgresql if db.engine.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)
+
+
+def _row(event: dict, processed_at: datetime) -> dict:
+    return {
+        "app_id": event["app_id"],
+        "event_id": event["event_id"],
+        "event_name": event["event_name"],
+        "level": event["level"],
+        "user_id": event["user_id"],
+        "timestamp": _from_us(event["timestamp"]),
+        "received_at": _from_us(event["received_at"]),
+        "processed_at": processed_at,
+        "validation": event["validation"],
+        "payload": event["payload"],
+    }
+
+
+def is_transient(error: Exception) -> bool:
+    """A failure of the database itself (down, restarting), not of the data."""
+    if isinstance(error, (OperationalError, InterfaceError)):
+        return True
+    return isinstance(error, DBAPIError) and error.connection_invalidated
+
+
+def insert_events(events: list[dict]) -> None:
+    """Write events in one statement and commit; a repeated (app, event_id) is skipped."""
+    processed_at = datetime.now(timezone.utc)
+    statement = _insert(Event.__table__).on_conflict_do_nothing(index_elements=["app_id", "event_id"])
+    try:
+        db.session.execute(statement, [_row(e, processed_at) for e in events])
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        raise
+
+
+def store_events(events: list[dict]) -> list[tuple[dict, str]]:
+    """Store what can be stored; return the events that fail on their own, with the error.
+
+    A write that fails for a reason of the data is split in halves until the events
+    that cannot be stored are alone, so one bad event never holds back the others.
+    A failure of the database itself is raised: nothing can be stored until it is back.
+    """
+    try:
+        insert_events(events)
+        return []
+    except Exception as error:
+        if is_transient(error):
+            raise
+        if len(events) == 1:
+            return [(events[0], _describe(error))]
+    middle = len(events) // 2
+    return store_events(events[:middle]) + store_events(events[middle:])
+
+
+def _describe(error: Exception) -> str:
+    original = getattr(error, "orig", None) or error
+    return f"{type(original).__name__}: {str(original).strip().splitlines()[0][:500]}"
+
+
+def record_failures(failures: list[tuple[dict, str]], attempts: int) -> None:
+    """Keep events that could not be stored as the app's failed events (dead letters)."""
+    now = datetime.now(timezone.utc)
+    rows = [
+        {
+            "id": new_id(),
+            "app_id": event["app_id"],
+            "event_id": event["event_id"],
+            "event": event,
+            "error": error,
+            "attempts": attempts,
+            "first_failed_at": now,
+            "last_failed_at": now,
+        }
+        for event, error in failures
+    ]
+    statement = _insert(FailedEvent.__table__)
+    # Failing again (after a replay) updates the dead letter instead of adding one.
+    statement = statement.on_conflict_do_update(
+        index_elements=["app_id", "event_id"],
+        set_={
+            "event": statement.excluded.event,
+            "error": statement.excluded.error,
+            "attempts": FailedEvent.__table__.c.attempts + statement.excluded.attempts,
+            "last_failed_at": statement.excluded.last_failed_at,
+        },
+    )
+    try:
+        db.session.execute(statement, rows)
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        raise
+
+
+def event_status(app_id: str, event_id: str) -> dict | None:
+    """Where an accepted event stands: processed, failed, or None while still queued."""
+    stored = db.session.execute(
+        sa.select(Event.processed_at).where(Event.app_id == app_id, Event.event_id == event_id)
+    ).first()
+    if stored is not None:
+        return {"event_id": event_id, "status": "processed", "processed_at": _iso(stored.processed_at), "error": None}
+    failed = db.session.execute(
+        sa.select(FailedEvent.error, FailedEvent.last_failed_at).where(
+            FailedEvent.app_id == app_id, FailedEvent.event_id == event_id
+        )
+    ).first()
+    if failed is not None:
+        return {"event_id": event_id, "status": "failed", "processed_at": None, "error": failed.error}
+    return None
+
+
+def _iso(moment: datetime) -> str:
+    if moment.tzinfo is None:  # SQLite hands back naive UTC datetimes
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def retry_delay(attempts: int, base: float, cap: float) -> float:
+    """Exponential backoff with jitter: base, 2·base, 4·base … capped, each ±20%."""
+    return min(cap, base * 2 ** (attempts - 1)) * random.uniform(0.8, 1.2)
+
+
+def persist_pending(queue: str, group_id: str) -> str:
+    """Store a pending group; on failure reschedule it, or after the last try keep it as failed."""
+    config = current_app.config
+    pending = current_app.extensions["intake.pending"]
+    record = pending.load(queue, group_id)
+    if record is None:
+        return "duplicate"  # an earlier delivery of this message stored it
+    events, attempts = record["events"], record["attempts"] + 1
+    try:
+        failures = store_events(events)
+    except Exception as error:
+        log.warning("database unavailable while storing group %s: %s", group_id, _describe(error))
+        failures = [(event, _describe(error)) for event in events]
+    if not failures:
+        pending.done(queue, group_id)
+        return "stored"
+    if attempts <= config["PERSIST_MAX_RETRIES"]:
+        delay = retry_delay(attempts, config["PERSIST_RETRY_BACKOFF"], config["PERSIST_RETRY_BACKOFF_MAX"])
+        pending.reschedule(queue, group_id, [event for event, _ in failures], attempts, delay)
+        return "retry"
+    try:
+        record_failures(failures, attempts)
+    except Exception:
+        # Not even the dead letter can be written: keep the record and come back later.
+        pending.reschedule(queue, group_id, [event for event, _ in failures], attempts, config["PERSIST_RETRY_BACKOFF_MAX"])
+        return "retry"
+    pending.done(queue, group_id)
+    return "failed"

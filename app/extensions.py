@@ -1,0 +1,61 @@
+"""Extensions, unbound: the factory binds them to an app."""
+from pathlib import Path
+
+from celery import Celery, Task
+from celery.signals import worker_process_init
+from flask import Flask, has_app_context
+from flask_migrate import Migrate
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.orm import DeclarativeBase
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+db = SQLAlchemy(model_class=Base)
+migrate = Migrate()
+
+
+def celery_init_app(app: Flask) -> Celery:
+    """Create the Celery app whose tasks run inside this Flask app's context."""
+
+    class FlaskTask(Task):
+        def __call__(self, *args, **kwargs):
+            # Eager mode and tests already have a context; a second one would hide theirs.
+            if has_app_context():
+                return self.run(*args, **kwargs)
+            with app.app_context():
+                return self.run(*args, **kwargs)
+
+    celery_app = Celery(app.import_name, task_cls=FlaskTask)
+    celery_app.config_from_object("celery_config")
+    broker_url = app.config["CELERY_BROKER_URL"]
+    celery_app.conf.broker_url = broker_url
+    if broker_url.startswith("filesystem://"):
+        celery_app.conf.broker_transport_options = _filesystem_transport(app.config["BROKER_FOLDER"])
+
+    @worker_process_init.connect(weak=False)
+    def fresh_database_connections(**_):
+        # A forked pool child must not share the parent's database connections.
+        with app.app_context():
+            db.engine.dispose(close=False)
+
+    celery_app.set_default()
+    app.extensions["celery"] = celery_app
+    return celery_app
+
+
+def _filesystem_transport(folder: str) -> dict:
+    """Transport options for the embedded broker: plain folders under instance/."""
+    base = Path(folder)
+    # kombu expects the folders to exist; creating empty folders is not I/O worth deferring.
+    for name in ("queue", "processed", "control"):
+        (base / name).mkdir(parents=True, exist_ok=True)
+    return {
+        "data_folder_in": str(base / "queue"),
+        "data_folder_out": str(base / "queue"),
+        "processed_folder": str(base / "processed"),
+        "store_processed": False,
+        "control_folder": str(base / "control"),
+    }

@@ -1,0 +1,206 @@
+"""Every check an event passes before it is accepted, in the documented order.
+
+Each check raises ApiError with the status and code of API.md section 4; the last
+one, `check_event`, returns the event as it travels to the workers.
+"""
+import uuid
+import zlib
+from datetime import datetime, timedelta, timezone
+
+import orjson
+from flask import Request
+
+from app.errors import ApiError
+from app.rules import AppEntry
+
+LEVELS = {
+    "debug": "debug",
+    "info": "info",
+    "warning": "warning",
+    "warn": "warning",
+    "error": "error",
+    "critical": "critical",
+    "fatal": "critical",
+}
+MAX_FUTURE = timedelta(minutes=10)
+# Epoch numbers at least this large are milliseconds (as seconds they would be year 5138+).
+EPOCH_MS_THRESHOLD = 1e11
+
+
+def read_body(request: Request, limit: int) -> bytes:
+    """Return the request body, inflated, refusing wrong types and oversize bodies early."""
+    if request.mimetype != "application/json":
+        raise ApiError(415, "unsupported_media_type", "Send the body as JSON with 'Content-Type: application/json'.")
+    too_large = ApiError(413, "payload_too_large", f"The body is larger than the limit of {limit} bytes.")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    data = request.stream.read(limit + 1)
+    if len(data) > limit:
+        raise too_large
+    encoding = (request.headers.get("Content-Encoding") or "identity").strip().lower()
+    if encoding == "gzip":
+        return _gunzip(data, limit, too_large)
+    if encoding != "identity":
+        raise ApiError(415, "unsupported_encoding", "Content-Encoding must be gzip or absent.")
+    return data
+
+
+def _gunzip(data: bytes, limit: int, too_large: ApiError) -> bytes:
+    # Inflate at most limit + 1 bytes: a gzip bomb stops here, not in memory.
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        body = inflater.decompress(data, limit + 1)
+    except zlib.error:
+        raise ApiError(400, "invalid_encoding", "The body is not valid gzip.") from None
+    if len(body) > limit or inflater.unconsumed_tail:
+        raise too_large
+    if not inflater.eof:
+        raise ApiError(400, "invalid_encoding", "The gzip body is truncated.")
+    return body
+
+
+def parse_json(body: bytes):
+    """Parse JSON that PostgreSQL can store: no NaN/Infinity, NUL, lone surrogates or bad UTF-8."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise ApiError(400, "invalid_json", f"The body is not valid JSON: {error}.") from None
+    # NUL can only arrive escaped; look for it only when the escape is there at all.
+    if b"\\u0000" in body and _contains_nul(value):
+        raise ApiError(400, "invalid_json", "Strings may not contain \\u0000 (NUL).")
+    return value
+
+
+def _contains_nul(value) -> bool:
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if "\x00" in node:
+                return True
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
+
+
+def check_event_size(event, limit: int) -> None:
+    """Refuse one event of a batch whose JSON is larger than the event limit."""
+    try:
+        size = len(orjson.dumps(event))
+    except orjson.JSONEncodeError:  # nested past orjson's own limit, far past ours
+        raise ApiError(422, "nesting_too_deep", "The event is nested too deep.") from None
+    if size > limit:
+        raise ApiError(413, "payload_too_large", f"The event is larger than the limit of {limit} bytes.")
+
+
+def check_depth(event: dict, max_depth: int) -> None:
+    """Refuse objects and arrays nested deeper than max_depth (the event itself is depth 1)."""
+    stack = [(event, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > max_depth:
+            raise ApiError(422, "nesting_too_deep", f"The event is nested more than {max_depth} levels deep.")
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+
+
+def _detail(field, message):
+    return {"path": f"/{field}", "message": message, "rule": "reserved_fields"}
+
+
+def _epoch_us(moment: datetime) -> int:
+    return (moment - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
+
+
+def parse_timestamp(value, now: datetime) -> datetime:
+    """An ISO 8601 string (no offset = UTC) or epoch seconds/milliseconds, as an aware UTC datetime."""
+    if isinstance(value, bool):
+        raise ValueError("timestamp must be an ISO 8601 string or epoch seconds/milliseconds")
+    if isinstance(value, (int, float)):
+        seconds = value / 1000 if abs(value) >= EPOCH_MS_THRESHOLD else value
+        try:
+            moment = datetime.fromtimestamp(seconds, tz=timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            raise ValueError("timestamp is out of range") from None
+    elif isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError("timestamp is not ISO 8601 (e.g. 2026-11-24T10:00:00Z)") from None
+        moment = moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+    else:
+        raise ValueError("timestamp must be an ISO 8601 string or epoch seconds/milliseconds")
+    if moment > now + MAX_FUTURE:
+        raise ValueError("timestamp is more than 10 minutes in the future")
+    return moment
+
+
+def reserved_fields(event: dict, now: datetime) -> dict:
+    """Check and normalise the reserved top-level fields; report every problem at once."""
+    problems = []
+    name = event.get("event_name", event.get("eventName"))
+    if not isinstance(name, str) or not 1 <= len(name.strip()) <= 255:
+        problems.append(_detail("event_name", "event_name is required: a string of 1 to 255 characters"))
+    else:
+        name = name.strip()
+
+    event_id = event.get("event_id")
+    if event_id is None:
+        event_id = str(uuid.uuid4())
+    elif not isinstance(event_id, str) or not 1 <= len(event_id) <= 128:
+        problems.append(_detail("event_id", "event_id must be a string of 1 to 128 characters"))
+
+    timestamp = now
+    if event.get("timestamp") is not None:
+        try:
+            timestamp = parse_timestamp(event["timestamp"], now)
+        except ValueError as error:
+            problems.append(_detail("timestamp", str(error)))
+
+    level = event.get("level", "info")
+    level = LEVELS.get(level.lower()) if isinstance(level, str) else None
+    if level is None:
+        problems.append(_detail("level", "level must be one of debug, info, warning, error, critical"))
+
+    user_id = event.get("user_id", event.get("userId"))
+    if isinstance(user_id, int) and not isinstance(user_id, bool):
+        user_id = str(user_id)
+    if user_id is not None and (not isinstance(user_id, str) or len(user_id) > 255):
+        problems.append(_detail("user_id", "user_id must be a string (at most 255 characters) or an integer"))
+
+    if problems:
+        raise ApiError(422, "invalid_event", "Reserved fields are missing or malformed.", problems)
+    return {
+        "event_id": event_id,
+        "event_name": name,
+        "level": level,
+        "user_id": user_id,
+        "timestamp": _epoch_us(timestamp),
+    }
+
+
+def apply_rules(entry: AppEntry, event_name: str, event: dict) -> dict:
+    """Run the app's rules: reject rules refuse the event, warn rules annotate it."""
+    rejections, warnings = [], []
+    for rule in entry.rules_for(event_name):
+        violations = rule.violations(event)
+        (rejections if rule.action == "reject" else warnings).extend(violations)
+    if rejections:
+        raise ApiError(422, "validation_failed", "The event breaks the app's validation rules.", rejections)
+    return {"status": "warning" if warnings else "valid", "warnings": warnings}
+
+
+def check_event(entry: AppEntry, event, *, max_depth: int, received_at: datetime) -> dict:
+    """Check one parsed event and return it as it travels to the workers."""
+    if not isinstance(event, dict):
+        raise ApiError(400, "not_an_object", "An event must be a JSON object.")
+    check_depth(event, max_depth)
+    fields = reserved_fields(event, received_at)
+    fields["validation"] = apply_rules(entry, fields["event_name"], event)
+    fields["app_id"] = entry.id
+    fields["received_at"] = _epoch_us(received_at)
+    fields["payload"] = event
+    return fields

@@ -1,0 +1,91 @@
+"""POST /api/logs/<app_id>[/batch]: load → check → publish → 202; and the status look-up."""
+from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import datetime, timezone
+
+from flask import Blueprint, current_app, request
+
+from app import events
+from app.errors import ApiError
+from app.ingest import checks
+from app.publisher import QueueUnavailable, get_publisher
+from app.rules import AppEntry
+
+bp = Blueprint("ingest", __name__, url_prefix="/api/logs")
+
+
+def queue_unavailable() -> ApiError:
+    return ApiError(
+        503, "queue_unavailable", "The event queue is unavailable; nothing was accepted. Retry shortly.",
+        headers={"Retry-After": "2"},
+    )
+
+
+def authenticate(app_id: str) -> AppEntry:
+    """The cached app whose key the request carries (404 unknown app, 401 wrong key)."""
+    entry = current_app.extensions["intake.rules"].get(app_id)
+    if entry is None:
+        raise ApiError(404, "app_not_found", "There is no app with this id.")
+    if not entry.key_matches(request.headers.get("X-API-Key")):
+        raise ApiError(401, "invalid_api_key", "Send the app's key in the X-API-Key header.")
+    return entry
+
+
+@bp.post("/<app_id>")
+def ingest_event(app_id):
+    entry = authenticate(app_id)
+    config = current_app.config
+    body = checks.read_body(request, config["INGEST_MAX_EVENT_BYTES"])
+    event = checks.check_event(
+        entry, checks.parse_json(body), max_depth=config["INGEST_MAX_DEPTH"], received_at=datetime.now(timezone.utc)
+    )
+    try:
+        task_id = get_publisher().submit(event).result(timeout=config["INGEST_PUBLISH_TIMEOUT"])
+    except (QueueUnavailable, FutureTimeout):
+        raise queue_unavailable() from None
+    return {"status": "accepted", "event_id": event["event_id"], "task_id": task_id, "validation": event["validation"]}, 202
+
+
+def _batch_items(document, max_events: int) -> list:
+    items = document.get("events") if isinstance(document, dict) else document
+    if not isinstance(items, list):
+        raise ApiError(400, "invalid_batch", 'Send a JSON array of events or {"events": [...]}.')
+    if not 1 <= len(items) <= max_events:
+        raise ApiError(400, "invalid_batch", f"A batch holds 1 to {max_events} events; this one has {len(items)}.")
+    return items
+
+
+@bp.post("/<app_id>/batch")
+def ingest_batch(app_id):
+    entry = authenticate(app_id)
+    config = current_app.config
+    body = checks.read_body(request, config["INGEST_MAX_BATCH_BYTES"])
+    items = _batch_items(checks.parse_json(body), config["INGEST_MAX_BATCH_EVENTS"])
+    # No single event can exceed the event limit when the whole body fits in it.
+    measure_events = len(body) > config["INGEST_MAX_EVENT_BYTES"]
+    received_at = datetime.now(timezone.utc)
+    accepted, rejected = [], []
+    for index, item in enumerate(items):
+        try:
+            if measure_events:
+                checks.check_event_size(item, config["INGEST_MAX_EVENT_BYTES"])
+            accepted.append(checks.check_event(entry, item, max_depth=config["INGEST_MAX_DEPTH"], received_at=received_at))
+        except ApiError as error:
+            rejected.append({"index": index, **error.to_dict()})
+    result = {"accepted": len(accepted), "event_ids": [e["event_id"] for e in accepted], "rejected": rejected}
+    if not accepted:
+        error = {"code": "validation_failed", "message": "No event in the batch was accepted; see rejected."}
+        return {"error": error, "status": "rejected", **result, "task_id": None}, 422
+    try:
+        task_id = get_publisher().publish("batch_processing", accepted)
+    except QueueUnavailable:
+        raise queue_unavailable() from None
+    return {"status": "accepted", **result, "task_id": task_id}, 202
+
+
+@bp.get("/<app_id>/events/<event_id>")
+def event_status(app_id, event_id):
+    authenticate(app_id)
+    status = events.event_status(app_id, event_id)
+    if status is None:
+        raise ApiError(404, "event_not_found", "No such event is stored yet: it is still queued, or was never accepted.")
+    return status

@@ -1,0 +1,114 @@
+"""Hands accepted events to the broker: many events to one message.
+
+Single events arriving at one API process within a short window (group commit) travel
+together to `default`; a batch request travels alone to `batch_processing`. Either way
+the caller learns the outcome only after the broker has accepted the message, so a 202
+always means "durably queued" and a broker failure reaches every waiting request.
+"""
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+
+from flask import current_app
+
+log = logging.getLogger(__name__)
+
+TASK_FOR_QUEUE = {"default": "intake.persist_events", "batch_processing": "intake.persist_batch"}
+
+
+class QueueUnavailable(Exception):
+    """The broker (or the pending store beside it) did not take the events."""
+
+
+class Publisher:
+    def __init__(self, celery_app, pending, *, window_ms: float, max_events: int, timeout: float):
+        self.celery = celery_app
+        self.pending = pending
+        self.window = window_ms / 1000
+        self.max_events = max_events
+        self.timeout = timeout
+        self._waiting: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread_pid = None
+        self._start_lock = threading.Lock()
+
+    def publish(self, queue_name: str, events: list[dict]) -> str:
+        """Record the events as pending, publish one message for them, return its task id."""
+        group_id = str(uuid.uuid4())
+        try:
+            self.pending.put(queue_name, group_id, events)
+        except Exception as error:
+            raise QueueUnavailable("pending store unavailable") from error
+        try:
+            self.send(queue_name, group_id)
+        except Exception as error:
+            self._forget(queue_name, group_id)
+            raise QueueUnavailable("broker unavailable") from error
+        return group_id
+
+    def send(self, queue_name: str, group_id: str) -> None:
+        """Publish the message that makes a worker store a pending group."""
+        self.celery.send_task(TASK_FOR_QUEUE[queue_name], args=[group_id], task_id=group_id, queue=queue_name)
+
+    def redeliver_overdue(self) -> int:
+        """Publish again the pending groups whose due time has passed; return how many."""
+        count = 0
+        for queue_name in TASK_FOR_QUEUE:
+            for group_id in self.pending.claim_due(queue_name):
+                self.send(queue_name, group_id)
+                count += 1
+        return count
+
+    def _forget(self, queue_name, group_id):
+        # The client is told 503 and will retry: drop the record so the sweeper does
+        # not store a second copy of events the client sends again.
+        try:
+            self.pending.done(queue_name, group_id)
+        except Exception:
+            log.warning("could not drop pending group %s after a failed publish", group_id)
+
+    def submit(self, event: dict) -> Future:
+        """Queue one event for the next group to `default`; the future yields its task id."""
+        self._ensure_thread()
+        future: Future = Future()
+        self._waiting.put((event, future))
+        return future
+
+    def _ensure_thread(self):
+        # Started on first use in each process: gunicorn and Celery fork after the factory.
+        if self._thread_pid != os.getpid():
+            with self._start_lock:
+                if self._thread_pid != os.getpid():
+                    self._waiting = queue.SimpleQueue()
+                    threading.Thread(target=self._run, name="intake-publisher", daemon=True).start()
+                    self._thread_pid = os.getpid()
+
+    def _next_group(self):
+        group = [self._waiting.get()]
+        deadline = time.monotonic() + self.window
+        while len(group) < self.max_events:
+            remaining = deadline - time.monotonic()
+            try:
+                group.append(self._waiting.get(timeout=remaining) if remaining > 0 else self._waiting.get_nowait())
+            except queue.Empty:
+                break
+        return group
+
+    def _run(self):
+        while True:
+            group = self._next_group()
+            try:
+                task_id = self.publish("default", [event for event, _ in group])
+            except Exception as error:
+                for _, future in group:
+                    future.set_exception(error)
+            else:
+                for _, future in group:
+                    future.set_result(task_id)
+
+
+def get_publisher() -> Publisher:
+    return current_app.extensions["intake.publisher"]

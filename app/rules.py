@@ -1,0 +1,141 @@
+"""Per-process cache of app records and their compiled validation rules.
+
+The ingestion hot path asks this cache, never the database: only a miss (first use,
+or an entry older than RULES_CACHE_TTL) loads the app and its enabled rules.
+"""
+import hashlib
+import hmac
+import threading
+import time
+from dataclasses import dataclass
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from referencing import Registry
+from referencing.exceptions import NoSuchResource
+
+from app.extensions import db
+from app.models import App, Rule
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _refuse_remote(uri):
+    raise NoSuchResource(ref=uri)
+
+
+# Rules may only reference their own definitions: nothing is ever fetched.
+LOCAL_ONLY = Registry(retrieve=_refuse_remote)
+
+
+class InvalidRuleSchema(ValueError):
+    """A rule schema that is not valid JSON Schema 2020-12, or references remote documents."""
+
+
+def check_rule_schema(schema) -> None:
+    """Refuse a schema that is invalid JSON Schema 2020-12 or uses a remote $ref."""
+    if not isinstance(schema, (dict, bool)):
+        raise InvalidRuleSchema("schema must be a JSON object")
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as error:
+        raise InvalidRuleSchema(f"not a valid JSON Schema (2020-12): {error.message}") from None
+    for ref in _refs(schema):
+        if not ref.startswith("#"):
+            raise InvalidRuleSchema(f"remote $ref is not allowed: {ref!r}")
+
+
+def _refs(node):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("$ref", "$dynamicRef") and isinstance(value, str):
+                yield value
+            else:
+                yield from _refs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _refs(item)
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    name: str
+    event_name: str | None
+    action: str
+    validator: Draft202012Validator
+
+    def violations(self, event: dict) -> list[dict]:
+        return [
+            {"path": _pointer(error.absolute_path), "message": error.message, "rule": self.name}
+            for error in self.validator.iter_errors(event)
+        ]
+
+
+@dataclass(frozen=True)
+class AppEntry:
+    """What ingestion needs to know about an app, immutable once cached."""
+
+    id: str
+    api_key_hash: str
+    rules: tuple[CompiledRule, ...]
+
+    def key_matches(self, key: str | None) -> bool:
+        return key is not None and hmac.compare_digest(hash_api_key(key), self.api_key_hash)
+
+    def rules_for(self, event_name: str):
+        return [r for r in self.rules if r.event_name is None or r.event_name == event_name]
+
+
+def _pointer(path) -> str:
+    return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in path)
+
+
+def compile_rule(rule: Rule) -> CompiledRule:
+    validator = Draft202012Validator(rule.schema, registry=LOCAL_ONLY)
+    return CompiledRule(rule.name, rule.event_name, rule.action, validator)
+
+
+def load_app_entry(app_id: str) -> AppEntry | None:
+    """Read an active app and its enabled rules from the database."""
+    app = db.session.get(App, app_id)
+    if app is None or app.deleted_at is not None:
+        return None
+    rules = db.session.scalars(
+        db.select(Rule).where(Rule.app_id == app_id, Rule.enabled.is_(True)).order_by(Rule.created_at)
+    )
+    return AppEntry(app.id, app.api_key_hash, tuple(compile_rule(r) for r in rules))
+
+
+class RulesCache:
+    """App entries by id, each reloaded after `ttl` seconds; unknown apps are cached too."""
+
+    def __init__(self, ttl: float, loader=load_app_entry, clock=time.monotonic):
+        self.ttl = ttl
+        self._loader = loader
+        self._clock = clock
+        self._entries: dict[str, tuple[float, AppEntry | None]] = {}
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, app_id: str) -> AppEntry | None:
+        cached = self._entries.get(app_id)
+        if cached is not None and self._clock() < cached[0]:
+            self.hits += 1
+            return cached[1]
+        # One loader at a time per process: a burst of requests for a cold app
+        # makes one query, not one per thread.
+        with self._lock:
+            cached = self._entries.get(app_id)
+            if cached is not None and self._clock() < cached[0]:
+                self.hits += 1
+                return cached[1]
+            self.misses += 1
+            entry = self._loader(app_id)
+            self._entries[app_id] = (self._clock() + self.ttl, entry)
+            return entry
+
+    def clear(self) -> None:
+        self._entries.clear()

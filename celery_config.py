@@ -1,0 +1,65 @@
+"""Celery settings: queues, routes, delivery guarantees and the beat schedule.
+
+The broker URL comes from the Flask config (REDIS_URL / CELERY_BROKER_URL).
+"""
+from kombu import Exchange, Queue
+
+QUEUES = ("default", "emails", "batch_processing")
+
+task_queues = tuple(Queue(name, Exchange(name), routing_key=name) for name in QUEUES)
+task_default_queue = "default"
+task_routes = {
+    "intake.persist_events": {"queue": "default"},
+    "intake.persist_batch": {"queue": "batch_processing"},
+    "intake.redeliver_pending": {"queue": "batch_processing"},
+    "intake.send_email": {"queue": "emails"},
+}
+
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+task_ignore_result = True
+timezone = "UTC"
+enable_utc = True
+
+# A message is acknowledged only after its task has run, and goes back to the queue
+# when the process running it dies. The pending store (app/pending.py) covers what
+# the Redis transport can still lose on SIGKILL; see README "Delivery".
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 4
+worker_cancel_long_running_tasks_on_connection_loss = True
+task_time_limit = 240
+task_soft_time_limit = 200
+
+broker_connection_timeout = 1.0
+broker_connection_retry_on_startup = True
+broker_pool_limit = 16
+broker_transport_options = {
+    # Longer than the longest task (task_time_limit), short enough that a dead
+    # worker's unacknowledged messages come back within minutes.
+    "visibility_timeout": 300,
+    "unacked_restore_interval": 5,
+    "socket_timeout": 2.0,
+    "socket_connect_timeout": 1.0,
+    "health_check_interval": 25,
+}
+# A dead broker must turn into a 503 quickly, not a hanging request.
+task_publish_retry = True
+task_publish_retry_policy = {
+    "max_retries": 1,
+    "interval_start": 0,
+    "interval_step": 0.2,
+    "interval_max": 0.2,
+}
+
+worker_send_task_events = False
+worker_hijack_root_logger = False
+
+beat_schedule = {
+    "redeliver-pending": {
+        "task": "intake.redeliver_pending",
+        "schedule": 5.0,
+        "options": {"expires": 30},
+    },
+}
