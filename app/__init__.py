@@ -32,7 +32,9 @@ def create_app(config: dict | None = None) -> Flask:
 
     from app import cli, errors, tasks  # noqa: F401  (tasks register themselves with Celery)
     from app.ingest.views import bp as ingest_bp
+    from app.ops import bp as ops_bp
 
+    app.register_blueprint(ops_bp)
     app.register_blueprint(ingest_bp)
     errors.register_error_handlers(app)
     cli.register_commands(app)
