@@ -153,23 +153,26 @@ def persist_pending(queue: str, group_id: str) -> str:
     if record is None:
         return "duplicate"  # an earlier delivery of this message stored it
     events, attempts = record["events"], record["attempts"] + 1
+    delay = retry_delay(attempts, config["PERSIST_RETRY_BACKOFF"], config["PERSIST_RETRY_BACKOFF_MAX"])
     try:
         failures = store_events(events)
     except Exception as error:
+        # The database itself is away: that is no fault of the events, so they wait
+        # for it (backoff capped at 10 minutes) instead of becoming failed events.
         log.warning("database unavailable while storing group %s: %s", group_id, _describe(error))
-        failures = [(event, _describe(error)) for event in events]
+        pending.reschedule(queue, group_id, events, attempts, delay)
+        return "retry"
     if not failures:
         pending.done(queue, group_id)
         return "stored"
     if attempts <= config["PERSIST_MAX_RETRIES"]:
-        delay = retry_delay(attempts, config["PERSIST_RETRY_BACKOFF"], config["PERSIST_RETRY_BACKOFF_MAX"])
         pending.reschedule(queue, group_id, [event for event, _ in failures], attempts, delay)
         return "retry"
     try:
         record_failures(failures, attempts)
     except Exception:
         # Not even the dead letter can be written: keep the record and come back later.
-        pending.reschedule(queue, group_id, [event for event, _ in failures], attempts, config["PERSIST_RETRY_BACKOFF_MAX"])
+        pending.reschedule(queue, group_id, [event for event, _ in failures], attempts, delay)
         return "retry"
     pending.done(queue, group_id)
     return "failed"
