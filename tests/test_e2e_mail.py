@@ -1,0 +1,60 @@
+"""Mail leaves through the `emails` queue's worker to a real SMTP server (aiosmtpd)."""
+import email
+import threading
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from tests.conftest import free_port, wait_until
+
+
+class Inbox:
+    """An aiosmtpd handler that keeps every message it receives."""
+
+    def __init__(self):
+        self.messages = []
+        self.lock = threading.Lock()
+
+    async def handle_DATA(self, server, session, envelope):
+        with self.lock:
+            self.messages.append(email.message_from_bytes(envelope.content))
+        return "250 OK"
+
+
+@pytest.fixture
+def smtp_server():
+    inbox = Inbox()
+    controller = Controller(inbox, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    yield controller, inbox
+    controller.stop()
+
+
+def test_send_email_task_delivers_over_smtp(stack, app, smtp_server):
+    controller, inbox = smtp_server
+    stack.worker(queues="emails", MAIL_SERVER="127.0.0.1", MAIL_PORT=str(controller.port), MAIL_USE_TLS="false",
+                 MAIL_FROM="Intake <intake@example.com>")
+    celery = app.extensions["celery"]
+    celery.send_task("intake.send_email", args=["ada@example.com", "Your code", "Code: 123456",
+                                                "<p>Code: <b>123456</b></p>"])
+    wait_until(lambda: inbox.messages, message="a delivered mail")
+    (message,) = inbox.messages
+    assert message["To"] == "ada@example.com" and message["Subject"] == "Your code"
+    assert message["From"] == "Intake <intake@example.com>"
+    parts = {part.get_content_type(): part.get_payload(decode=True).decode() for part in message.walk()
+             if not part.is_multipart()}
+    assert parts["text/plain"].strip() == "Code: 123456"
+    assert "<b>123456</b>" in parts["text/html"]
+
+
+def test_send_email_retries_until_the_server_answers(stack, app):
+    port = free_port()
+    worker = stack.worker(queues="emails", MAIL_SERVER="127.0.0.1", MAIL_PORT=str(port), MAIL_USE_TLS="false")
+    app.extensions["celery"].send_task("intake.send_email", args=["ada@example.com", "Later", "body"])
+    worker.wait_for_output("Retry in", timeout=30)  # connection refused → retried with backoff
+
+
+def test_without_mail_server_the_mail_goes_to_the_log(stack, app):
+    worker = stack.worker(queues="emails", MAIL_SERVER="")
+    app.extensions["celery"].send_task("intake.send_email", args=["ada@example.com", "Dev mail", "Code: 654321"])
+    worker.wait_for_output("Code: 654321", timeout=30)
