@@ -9,3 +9,6 @@ threads = int(os.environ.get("GUNICORN_THREADS", "4"))
 timeout = 30
 graceful_timeout = 20
 keepalive = 5
+# gunicorn's control socket is one path per user: two instances on a machine (tests,
+# benchmarks) would take it from each other, and nothing here uses gunicornc.
+control_socket_disable = True

@@ -234,9 +234,9 @@ class Stack:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                requests.get(self.base_url + "/health", timeout=1)
+                requests.get(self.base_url + "/health", timeout=2)
                 return process
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or still booting
                 time.sleep(0.2)
         raise AssertionError(f"gunicorn did not start:\n{process.output()[-3000:]}")
 
