@@ -24,18 +24,48 @@ while True:
         time.sleep(2)
 PY
 
+# Each worker runs in a session of its own: a SIGTERM sent to this script's whole process
+# group (honcho, Ctrl-C in a terminal, `kill -- -PGID`) reaches only this script, which asks
+# each worker's main process for a warm shutdown. Sent straight to the pool children, it
+# would kill the tasks they are running. Should this script die without passing a signal
+# on, the kernel sends the workers SIGTERM (setpriv --pdeathsig): none is left orphaned.
+launch=(setsid)
+command -v setpriv >/dev/null && launch+=(setpriv --pdeathsig TERM)
+# Worker metrics (optional): WORKER_METRICS_PORT for the first worker, +1 for the next …;
+# each worker sums its pool children through a prometheus folder of its own.
+port=${WORKER_METRICS_PORT:-}
 pids=()
+metrics_dirs=()
 for queue in "${queues[@]}"; do
-  celery -A run:celery worker --queues "$queue" --hostname "$queue@%h" \
-    --concurrency "${CELERY_CONCURRENCY:-2}" --loglevel "${LOG_LEVEL:-INFO}" &
+  metrics_env=(-u PROMETHEUS_MULTIPROC_DIR -u WORKER_METRICS_PORT)
+  if [ -n "$port" ]; then
+    metrics_dirs+=("$(mktemp -d -t intake-worker-metrics-XXXXXX)")
+    metrics_env=(WORKER_METRICS_PORT="$port" PROMETHEUS_MULTIPROC_DIR="${metrics_dirs[-1]}")
+    port=$((port + 1))
+  fi
+  env "${metrics_env[@]}" "${launch[@]}" celery -A run:celery --quiet worker --queues "$queue" \
+    --hostname "$queue@%h" --concurrency "${CELERY_CONCURRENCY:-2}" --loglevel "${LOG_LEVEL:-INFO}" &
   pids+=($!)
 done
 
-stop() { kill -TERM "${pids[@]}" 2>/dev/null; }
-trap stop TERM INT
+stopping=""
+stop() {
+  # Warm shutdown: running tasks finish, prefetched messages go back to the queue. A PaaS
+  # may send SIGTERM more than once: a repeat changes nothing.
+  [ -n "$stopping" ] && return
+  stopping=1
+  kill -TERM "${pids[@]}" 2>/dev/null
+}
+interrupt() {
+  # Ctrl-C: warm shutdown; a second Ctrl-C: cold shutdown (running tasks go back as well).
+  if [ -n "$stopping" ]; then kill -QUIT "${pids[@]}" 2>/dev/null; else stop; fi
+}
+trap stop TERM
+trap interrupt INT
 # Wake when a worker exits or a signal arrives; either way stop the others and wait.
 wait -n
 status=$?
-stop
-wait
+if [ -n "$stopping" ]; then status=0; else stop; fi
+until wait; do :; done  # a signal interrupts `wait`: keep waiting for every worker
+[ ${#metrics_dirs[@]} -eq 0 ] || rm -rf "${metrics_dirs[@]}"
 exit "$status"

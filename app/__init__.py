@@ -30,7 +30,7 @@ def create_app(config: dict | None = None) -> Flask:
         timeout=app.config["INGEST_PUBLISH_TIMEOUT"],
     )
 
-    from app import cli, errors, tasks  # noqa: F401  (tasks register themselves with Celery)
+    from app import cli, errors, limits, logs, metrics, tasks  # noqa: F401  (tasks register themselves with Celery)
     from app.ingest.views import bp as ingest_bp
     from app.ops import bp as ops_bp
 
@@ -38,4 +38,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.register_blueprint(ingest_bp)
     errors.register_error_handlers(app)
     cli.register_commands(app)
+    logs.init_app(app)
+    metrics.init_app(app)
+    limits.init_app(app)
     return app

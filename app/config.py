@@ -63,6 +63,10 @@ class Config:
         self.INGEST_MAX_BATCH_EVENTS = _int(env, "INGEST_MAX_BATCH_EVENTS", 1000)
         self.INGEST_MAX_DEPTH = _int(env, "INGEST_MAX_DEPTH", 10)
         self.INGEST_RATE_LIMIT = env.get("INGEST_RATE_LIMIT") or None
+        # Rate-limit counters: Redis, shared by every process; per-process memory without it.
+        self.RATELIMIT_STORAGE_URI = env.get("RATELIMIT_STORAGE_URI") or self.REDIS_URL or "memory://"
+        self.AUTH_RATE_LIMIT_PER_IP = env.get("AUTH_RATE_LIMIT_PER_IP") or "60/minute;600/hour"
+        self.AUTH_RATE_LIMIT_PER_ACCOUNT = env.get("AUTH_RATE_LIMIT_PER_ACCOUNT") or "10/minute;100/hour"
         # Group commit: single events arriving together travel in one message.
         self.INGEST_GROUP_WINDOW_MS = float(env.get("INGEST_GROUP_WINDOW_MS") or 2)
         self.INGEST_GROUP_MAX_EVENTS = _int(env, "INGEST_GROUP_MAX_EVENTS", 500)

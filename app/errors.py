@@ -1,7 +1,7 @@
 """The one JSON error shape, and the handlers that make every error use it."""
 import logging
 
-from flask import Flask, jsonify
+from flask import Flask, g, has_request_context, jsonify
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -35,14 +35,13 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def to_dict(self):
-        error = {"code": self.code, "message": self.message}
-        if self.details:
-            error["details"] = self.details
-        return {"error": error}
+        return {"error": {"code": self.code, "message": self.message, "details": self.details or []}}
 
 
 def error_response(status, code, message, details=None, headers=None):
     """Build the JSON error response for any route."""
+    if has_request_context():
+        g.error_code = code  # for the request's log line and the rejected-events metric
     error = ApiError(status, code, message, details, headers)
     response = jsonify(error.to_dict())
     response.status_code = status

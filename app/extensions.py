@@ -4,6 +4,8 @@ from pathlib import Path
 from celery import Celery, Task
 from celery.signals import worker_process_init
 from flask import Flask, has_app_context
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase
@@ -15,6 +17,11 @@ class Base(DeclarativeBase):
 
 db = SQLAlchemy(model_class=Base)
 migrate = Migrate()
+# Storage from RATELIMIT_STORAGE_URI; app/limits.py holds the limits. A storage outage never
+# fails a request: decorated limits fall back to per-process memory (see app/limits.py).
+limiter = Limiter(
+    key_func=get_remote_address, strategy="sliding-window-counter", in_memory_fallback_enabled=True, swallow_errors=True
+)
 
 
 def celery_init_app(app: Flask) -> Celery:

@@ -15,6 +15,8 @@ from concurrent.futures import Future
 
 from flask import current_app
 
+from app import logs, metrics
+
 log = logging.getLogger(__name__)
 
 TASK_FOR_QUEUE = {"default": "intake.persist_events", "batch_processing": "intake.persist_batch"}
@@ -35,23 +37,34 @@ class Publisher:
         self._thread_pid = None
         self._start_lock = threading.Lock()
 
-    def publish(self, queue_name: str, events: list[dict]) -> str:
+    def publish(self, queue_name: str, events: list[dict], request_ids: list[str] | None = None) -> str:
         """Record the events as pending, publish one message for them, return its task id."""
+        # The ids of the requests that sent the events (default: this one) go in the message
+        # headers, so that the worker's log line names them.
+        if request_ids is None:
+            request_ids = [i for i in [logs.current_request_id()] if i]
+        with metrics.PUBLISH_DURATION.labels(queue_name).time():
+            return self._publish(queue_name, events, request_ids)
+
+    def _publish(self, queue_name: str, events: list[dict], request_ids: list[str]) -> str:
         group_id = str(uuid.uuid4())
         try:
             self.pending.put(queue_name, group_id, events)
         except Exception as error:
             raise QueueUnavailable("pending store unavailable") from error
         try:
-            self.send(queue_name, group_id)
+            self.send(queue_name, group_id, request_ids)
         except Exception as error:
             self._forget(queue_name, group_id)
             raise QueueUnavailable("broker unavailable") from error
         return group_id
 
-    def send(self, queue_name: str, group_id: str) -> None:
+    def send(self, queue_name: str, group_id: str, request_ids: list[str] = ()) -> None:
         """Publish the message that makes a worker store a pending group."""
-        self.celery.send_task(TASK_FOR_QUEUE[queue_name], args=[group_id], task_id=group_id, queue=queue_name)
+        headers = {"request_ids": list(request_ids)} if request_ids else None
+        self.celery.send_task(
+            TASK_FOR_QUEUE[queue_name], args=[group_id], task_id=group_id, queue=queue_name, headers=headers
+        )
 
     def redeliver_overdue(self) -> int:
         """Publish again the pending groups whose due time has passed; return how many."""
@@ -74,7 +87,7 @@ class Publisher:
         """Queue one event for the next group to `default`; the future yields its task id."""
         self._ensure_thread()
         future: Future = Future()
-        self._waiting.put((event, future))
+        self._waiting.put((event, future, logs.current_request_id()))
         return future
 
     def _ensure_thread(self):
@@ -101,12 +114,12 @@ class Publisher:
         while True:
             group = self._next_group()
             try:
-                task_id = self.publish("default", [event for event, _ in group])
+                task_id = self.publish("default", [event for event, _, _ in group], [r for _, _, r in group if r])
             except Exception as error:
-                for _, future in group:
+                for _, future, _ in group:
                     future.set_exception(error)
             else:
-                for _, future in group:
+                for _, future, _ in group:
                     future.set_result(task_id)
 
 

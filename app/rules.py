@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from referencing import Registry
-from referencing.exceptions import NoSuchResource
+from referencing.exceptions import NoSuchResource, Unresolvable
+from referencing.jsonschema import DRAFT202012
 
+from app import metrics
 from app.extensions import db
 from app.models import App, Rule
 
@@ -42,21 +44,28 @@ def check_rule_schema(schema) -> None:
         Draft202012Validator.check_schema(schema)
     except SchemaError as error:
         raise InvalidRuleSchema(f"not a valid JSON Schema (2020-12): {error.message}") from None
-    for ref in _refs(schema):
-        if not ref.startswith("#"):
-            raise InvalidRuleSchema(f"remote $ref is not allowed: {ref!r}")
+    # Every $ref must resolve inside the schema itself: a remote one would be fetched (it
+    # never is), a local one to nowhere would fail every event it meets. The walk follows
+    # schema keywords only, so a "$ref" inside const/enum/default data is left alone.
+    root = DRAFT202012.create_resource(schema)
+    for ref in _unresolvable_refs(LOCAL_ONLY.resolver_with_root(root), root):
+        if ref.startswith("#"):
+            raise InvalidRuleSchema(f"$ref {ref!r} points to nothing in the schema")
+        raise InvalidRuleSchema(f"remote $ref is not allowed: {ref!r}")
 
 
-def _refs(node):
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in ("$ref", "$dynamicRef") and isinstance(value, str):
-                yield value
-            else:
-                yield from _refs(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _refs(item)
+def _unresolvable_refs(resolver, resource):
+    resolver = resolver.in_subresource(resource)  # follows nested $id
+    if isinstance(resource.contents, dict):
+        for key in ("$ref", "$dynamicRef"):
+            ref = resource.contents.get(key)
+            if isinstance(ref, str):
+                try:
+                    resolver.lookup(ref)
+                except Unresolvable:
+                    yield ref
+    for subresource in resource.subresources():
+        yield from _unresolvable_refs(resolver, subresource)
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,7 @@ class RulesCache:
         cached = self._entries.get(app_id)
         if cached is not None and self._clock() < cached[0]:
             self.hits += 1
+            metrics.RULES_CACHE_HIT.inc()
             return cached[1]
         # One loader at a time per process: a burst of requests for a cold app
         # makes one query, not one per thread.
@@ -131,8 +141,10 @@ class RulesCache:
             cached = self._entries.get(app_id)
             if cached is not None and self._clock() < cached[0]:
                 self.hits += 1
+                metrics.RULES_CACHE_HIT.inc()
                 return cached[1]
             self.misses += 1
+            metrics.RULES_CACHE_MISS.inc()
             entry = self._loader(app_id)
             self._entries[app_id] = (self._clock() + self.ttl, entry)
             return entry

@@ -32,7 +32,8 @@ def test_unexpected_error_is_json_500_without_trace():
     response = app.test_client().get("/boom")
     assert response.status_code == 500
     assert response.get_json() == {"error": {"code": "internal_error",
-                                             "message": "Something went wrong on our side; retry later."}}
+                                             "message": "Something went wrong on our side; retry later.",
+                                             "details": []}}
     assert b"secret internals" not in response.data and b"Traceback" not in response.data
 
 

@@ -3,6 +3,8 @@
 Each check raises ApiError with the status and code of API.md section 4; the last
 one, `check_event`, returns the event as it travels to the workers.
 """
+import json
+import re
 import uuid
 import zlib
 from datetime import datetime, timedelta, timezone
@@ -25,6 +27,8 @@ LEVELS = {
 MAX_FUTURE = timedelta(minutes=10)
 # Epoch numbers at least this large are milliseconds (as seconds they would be year 5138+).
 EPOCH_MS_THRESHOLD = 1e11
+LONG_DIGITS = re.compile(rb"\d{19}")
+INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
 
 
 def read_body(request: Request, limit: int) -> bytes:
@@ -46,17 +50,22 @@ def read_body(request: Request, limit: int) -> bytes:
 
 
 def _gunzip(data: bytes, limit: int, too_large: ApiError) -> bytes:
-    # Inflate at most limit + 1 bytes: a gzip bomb stops here, not in memory.
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        body = inflater.decompress(data, limit + 1)
-    except zlib.error:
-        raise ApiError(400, "invalid_encoding", "The body is not valid gzip.") from None
-    if len(body) > limit or inflater.unconsumed_tail:
-        raise too_large
-    if not inflater.eof:
-        raise ApiError(400, "invalid_encoding", "The gzip body is truncated.")
-    return body
+    # Inflate at most limit + 1 bytes: a gzip bomb stops here, not in memory. A body may
+    # hold several gzip members one after the other (RFC 1952); each is inflated in turn.
+    body = bytearray()
+    while True:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            body += inflater.decompress(data, limit + 1 - len(body))
+        except zlib.error:
+            raise ApiError(400, "invalid_encoding", "The body is not valid gzip.") from None
+        if len(body) > limit or inflater.unconsumed_tail:
+            raise too_large
+        if not inflater.eof:
+            raise ApiError(400, "invalid_encoding", "The gzip body is truncated.")
+        data = inflater.unused_data
+        if not data:
+            return bytes(body)
 
 
 def parse_json(body: bytes):
@@ -64,11 +73,31 @@ def parse_json(body: bytes):
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as error:
+        if str(error).startswith("depth limit exceeded"):  # orjson stops at 1024 levels, far past ours
+            raise ApiError(422, "nesting_too_deep", "The body is nested too deep.") from None
         raise ApiError(400, "invalid_json", f"The body is not valid JSON: {error}.") from None
     # NUL can only arrive escaped; look for it only when the escape is there at all.
     if b"\\u0000" in body and _contains_nul(value):
         raise ApiError(400, "invalid_json", "Strings may not contain \\u0000 (NUL).")
+    # orjson turns integers past 64 bits into floats: the payload would not be stored as
+    # sent. Only a body with a long run of digits can hold one, so only then look closer.
+    if LONG_DIGITS.search(body):
+        _check_integer_range(body)
     return value
+
+
+def _exact_integer(literal: str) -> int:
+    value = int(literal)
+    if not INT64_MIN <= value <= UINT64_MAX:
+        raise ValueError(literal)
+    return value
+
+
+def _check_integer_range(body: bytes) -> None:
+    try:
+        json.loads(body, parse_int=_exact_integer)
+    except ValueError:
+        raise ApiError(400, "invalid_json", "Integers must fit in 64 bits; send larger numbers as strings.") from None
 
 
 def _contains_nul(value) -> bool:
@@ -130,7 +159,10 @@ def parse_timestamp(value, now: datetime) -> datetime:
             moment = datetime.fromisoformat(value.strip())
         except ValueError:
             raise ValueError("timestamp is not ISO 8601 (e.g. 2026-11-24T10:00:00Z)") from None
-        moment = moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+        try:
+            moment = moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+        except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+            raise ValueError("timestamp is out of range") from None
     else:
         raise ValueError("timestamp must be an ISO 8601 string or epoch seconds/milliseconds")
     if moment > now + MAX_FUTURE:
@@ -160,7 +192,8 @@ def reserved_fields(event: dict, now: datetime) -> dict:
         except ValueError as error:
             problems.append(_detail("timestamp", str(error)))
 
-    level = event.get("level", "info")
+    level = event.get("level")
+    level = "info" if level is None else level  # null counts as absent, like the other fields
     level = LEVELS.get(level.lower()) if isinstance(level, str) else None
     if level is None:
         problems.append(_detail("level", "level must be one of debug, info, warning, error, critical"))

@@ -1,16 +1,19 @@
 """POST /api/logs/<app_id>[/batch]: load → check → publish → 202; and the status look-up."""
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timezone
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, current_app, g, request
 
-from app import events
+from app import events, limits, logs, metrics
 from app.errors import ApiError
 from app.ingest import checks
 from app.publisher import QueueUnavailable, get_publisher
 from app.rules import AppEntry
 
 bp = Blueprint("ingest", __name__, url_prefix="/api/logs")
+# Threads start on first use, so in each gunicorn worker after the fork.
+_batch_publishing = ThreadPoolExecutor(max_workers=8, thread_name_prefix="intake-batch-publish")
 
 
 def queue_unavailable() -> ApiError:
@@ -33,6 +36,7 @@ def authenticate(app_id: str) -> AppEntry:
 @bp.post("/<app_id>")
 def ingest_event(app_id):
     entry = authenticate(app_id)
+    limits.charge_app(entry.id, 1)
     config = current_app.config
     body = checks.read_body(request, config["INGEST_MAX_EVENT_BYTES"])
     event = checks.check_event(
@@ -42,6 +46,7 @@ def ingest_event(app_id):
         task_id = get_publisher().submit(event).result(timeout=config["INGEST_PUBLISH_TIMEOUT"])
     except (QueueUnavailable, FutureTimeout):
         raise queue_unavailable() from None
+    metrics.EVENTS_ACCEPTED.inc()
     return {"status": "accepted", "event_id": event["event_id"], "task_id": task_id, "validation": event["validation"]}, 202
 
 
@@ -60,6 +65,8 @@ def ingest_batch(app_id):
     config = current_app.config
     body = checks.read_body(request, config["INGEST_MAX_BATCH_BYTES"])
     items = _batch_items(checks.parse_json(body), config["INGEST_MAX_BATCH_EVENTS"])
+    g.ingest_events = len(items)  # a refusal from here on refuses this many events (metrics)
+    limits.charge_app(entry.id, len(items))
     # No single event can exceed the event limit when the whole body fits in it.
     measure_events = len(body) > config["INGEST_MAX_EVENT_BYTES"]
     received_at = datetime.now(timezone.utc)
@@ -73,12 +80,19 @@ def ingest_batch(app_id):
             rejected.append({"index": index, **error.to_dict()})
     result = {"accepted": len(accepted), "event_ids": [e["event_id"] for e in accepted], "rejected": rejected}
     if not accepted:
+        metrics.count_batch(0, rejected)
         error = {"code": "validation_failed", "message": "No event in the batch was accepted; see rejected."}
         return {"error": error, "status": "rejected", **result, "task_id": None}, 422
+    # Bounded like a single event: a broker that hangs (not refuses) must still give a 503 in time.
+    future = _batch_publishing.submit(
+        get_publisher().publish, "batch_processing", accepted, [logs.current_request_id()]
+    )
     try:
-        task_id = get_publisher().publish("batch_processing", accepted)
-    except QueueUnavailable:
+        task_id = future.result(timeout=config["INGEST_PUBLISH_TIMEOUT"])
+    except (QueueUnavailable, FutureTimeout):
+        future.cancel()  # not started yet: never publish what the client is told was refused
         raise queue_unavailable() from None
+    metrics.count_batch(len(accepted), rejected)
     return {"status": "accepted", **result, "task_id": task_id}, 202
 
 

@@ -1,0 +1,116 @@
+"""GET /health and GET /ready: liveness, and readiness that follows the database and the broker."""
+import time
+
+import pytest
+
+from tests.conftest import free_port
+from tests.private_redis import PrivateRedis, SilentServer, isolated_app
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    server = PrivateRedis(tmp_path).start()
+    yield server
+    server.stop()
+
+
+def timed_get(client_or_stack, path):
+    started = time.monotonic()
+    response = client_or_stack.get(path)
+    return response, time.monotonic() - started
+
+
+def test_health_touches_no_dependency(tmp_path):
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    app = isolated_app({"SQLALCHEMY_DATABASE_URI": f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/none",
+                        "REDIS_URL": dead, "CELERY_BROKER_URL": dead})
+    response = app.test_client().get("/health")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok"}
+
+
+def test_ready_when_database_and_broker_answer(client):
+    response = client.get("/ready")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["database"] == "ok" and body["broker"] == "ok"
+    assert set(body) <= {"database", "broker", "warnings"}
+
+
+def test_ready_follows_the_broker_down_and_back_without_restart(stack, private_redis):
+    """A real gunicorn on a private Redis: stop it → 503 naming the broker; start it → 200."""
+    stack.web(workers=1, REDIS_URL=private_redis.url, CELERY_BROKER_URL=private_redis.url)
+    response = stack.get("/ready")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["database"] == "ok" and body["broker"] == "ok"
+    # The private server runs with --save "" --appendonly no: the operator is warned.
+    assert any("persistence is off" in warning for warning in body["warnings"])
+
+    private_redis.stop()
+    for _ in range(2):  # every call checks again: no cached answer
+        response, took = timed_get(stack, "/ready")
+        assert response.status_code == 503
+        error = response.json()["error"]
+        assert error["code"] == "not_ready"
+        assert "broker" in error["message"] and "database" not in error["message"]
+        assert [detail["path"] for detail in error["details"]] == ["/broker"]
+        assert "broker" in error["details"][0]["message"]
+        assert took < 2.5
+
+    private_redis.start()  # same port
+    response = stack.get("/ready")
+    assert response.status_code == 200, response.text
+    assert response.json()["broker"] == "ok"
+
+
+def test_ready_names_the_database_when_it_is_unreachable():
+    app = isolated_app({"SQLALCHEMY_DATABASE_URI": f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/none"})
+    response, took = timed_get(app.test_client(), "/ready")
+    assert response.status_code == 503
+    error = response.get_json()["error"]
+    assert error["code"] == "not_ready"
+    assert "database" in error["message"] and "broker" not in error["message"]
+    assert [detail["path"] for detail in error["details"]] == ["/database"]
+    assert took < 2.5
+
+
+def test_ready_answers_in_about_a_second_when_the_broker_hangs():
+    silent = SilentServer()
+    try:
+        url = f"redis://127.0.0.1:{silent.port}/0"
+        client = isolated_app({"REDIS_URL": url, "CELERY_BROKER_URL": url}).test_client()
+        for _ in range(2):  # the second call finds the first check still hanging: not ready either
+            response, took = timed_get(client, "/ready")
+            assert response.status_code == 503
+            assert [d["path"] for d in response.get_json()["error"]["details"]] == ["/broker"]
+            assert took < 2.0
+    finally:
+        silent.close()
+
+
+def test_ready_warns_about_eviction_and_keeps_quiet_when_config_is_refused(tmp_path):
+    evicting = PrivateRedis(tmp_path, "--maxmemory-policy", "allkeys-lru").start()
+    managed = PrivateRedis(tmp_path, "--rename-command", "CONFIG", "").start()
+    try:
+        body = isolated_app({"REDIS_URL": evicting.url, "CELERY_BROKER_URL": evicting.url}).test_client() \
+            .get("/ready").get_json()
+        assert any("maxmemory-policy is allkeys-lru" in warning for warning in body["warnings"])
+
+        response = isolated_app({"REDIS_URL": managed.url, "CELERY_BROKER_URL": managed.url}).test_client() \
+            .get("/ready")
+        assert response.status_code == 200
+        assert response.get_json() == {"database": "ok", "broker": "ok"}
+    finally:
+        evicting.stop()
+        managed.stop()
+
+
+def test_ready_checks_the_folder_of_the_filesystem_broker(tmp_path):
+    app = isolated_app({"CELERY_BROKER_URL": "filesystem://", "BROKER_FOLDER": str(tmp_path / "broker")})
+    client = app.test_client()
+    assert client.get("/ready").get_json()["broker"] == "ok"
+    (tmp_path / "broker" / "queue").rmdir()
+    response = client.get("/ready")
+    assert response.status_code == 503
+    assert response.get_json()["error"]["details"][0]["path"] == "/broker"

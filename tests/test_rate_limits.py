@@ -1,0 +1,115 @@
+"""Rate limits: per app on ingestion, counted in events; 429 with headers; fail open without storage."""
+import time
+
+import pytest
+from flask import Blueprint
+
+from app.limits import auth_rate_limit
+from tests.conftest import free_port
+from tests.private_redis import isolated_app
+
+
+@pytest.fixture
+def limited(make_app):
+    """A test client whose apps may send 5 events a minute (counters in this run's Redis)."""
+    return isolated_app({"INGEST_RATE_LIMIT": "5/minute"}).test_client()
+
+
+def send(client, app_id, key, body, batch=False):
+    path = f"/api/logs/{app_id}/batch" if batch else f"/api/logs/{app_id}"
+    return client.post(path, json=body, headers={"X-API-Key": key})
+
+
+def assert_rate_limited(response, limit="5", remaining="0"):
+    assert response.status_code == 429
+    assert response.get_json()["error"]["code"] == "rate_limited"
+    assert int(response.headers["Retry-After"]) >= 1
+    assert response.headers["RateLimit-Limit"] == limit
+    assert response.headers["RateLimit-Remaining"] == remaining
+    assert 1 <= int(response.headers["RateLimit-Reset"]) <= 120
+
+
+def test_the_event_over_the_limit_is_refused_with_headers(limited, make_app):
+    app_id, key = make_app()
+    for n in range(5):
+        assert send(limited, app_id, key, {"event_name": "e", "n": n}).status_code == 202
+    assert_rate_limited(send(limited, app_id, key, {"event_name": "e", "n": 5}))
+    # Another app has an allowance of its own.
+    other_id, other_key = make_app()
+    assert send(limited, other_id, other_key, {"event_name": "e"}).status_code == 202
+
+
+def test_batches_count_by_events_and_a_refused_batch_takes_nothing(limited, make_app):
+    app_id, key = make_app()
+    three = [{"event_name": "e"}] * 3
+    assert send(limited, app_id, key, three, batch=True).status_code == 202
+    assert_rate_limited(send(limited, app_id, key, three, batch=True), remaining="2")  # 3 + 3 > 5
+    assert send(limited, app_id, key, [{"event_name": "e"}] * 2, batch=True).status_code == 202  # exactly 5
+    assert_rate_limited(send(limited, app_id, key, {"event_name": "e"}))
+
+
+def test_a_batch_larger_than_the_whole_limit_says_so(limited, make_app):
+    app_id, key = make_app()
+    response = send(limited, app_id, key, [{"event_name": "e"}] * 6, batch=True)
+    assert response.status_code == 429
+    assert "smaller batches" in response.get_json()["error"]["message"]
+    assert send(limited, app_id, key, {"event_name": "e"}).status_code == 202
+
+
+def test_the_limit_is_shared_by_every_gunicorn_worker(stack, make_app):
+    stack.web(workers=2, threads=2, INGEST_RATE_LIMIT="8/minute")
+    app_id, key = make_app()
+    statuses = [stack.post(f"/api/logs/{app_id}", {"event_name": "e"}, {"X-API-Key": key}).status_code
+                for _ in range(12)]
+    assert statuses == [202] * 8 + [429] * 4
+
+
+def test_ingestion_fails_open_when_the_limit_storage_is_down(make_app):
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    app = isolated_app({"INGEST_RATE_LIMIT": "2/minute", "RATELIMIT_STORAGE_URI": dead})
+    client = app.test_client()
+    app_id, key = make_app()
+    started = time.monotonic()
+    statuses = [send(client, app_id, key, {"event_name": "e"}).status_code for _ in range(6)]
+    assert statuses == [202] * 6  # not limited, and certainly no 500
+    assert time.monotonic() - started < 5
+    metrics_text = client.get("/metrics").get_data(as_text=True)
+    assert "intake_rate_limit_storage_errors_total" in metrics_text
+
+
+def test_redis_down_altogether_is_a_503_not_a_500(make_app):
+    app_id, key = make_app()
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    client = isolated_app({"INGEST_RATE_LIMIT": "2/minute", "REDIS_URL": dead, "CELERY_BROKER_URL": dead,
+                           "RATELIMIT_STORAGE_URI": dead}).test_client()
+    for body, batch in (({"event_name": "e"}, False), ([{"event_name": "e"}], True)):
+        started = time.monotonic()
+        response = send(client, app_id, key, body, batch=batch)
+        assert response.status_code == 503
+        assert response.get_json()["error"]["code"] == "queue_unavailable"
+        assert time.monotonic() - started < 2.5
+
+
+def test_account_routes_are_limited_per_account_and_per_address():
+    app = isolated_app({"AUTH_RATE_LIMIT_PER_ACCOUNT": "2/minute", "AUTH_RATE_LIMIT_PER_IP": "3/minute"})
+    bp = Blueprint("fake_auth", __name__)
+
+    @bp.post("/test-auth/login")
+    @auth_rate_limit
+    def login():
+        return {"ok": True}
+
+    app.register_blueprint(bp)
+    client = app.test_client()
+
+    def attempt(email):
+        return client.post("/test-auth/login", json={"email": email, "password": "x"})
+
+    first = attempt("a@example.com")
+    assert first.status_code == 200
+    assert first.headers["RateLimit-Limit"] == "2" and first.headers["RateLimit-Remaining"] == "1"
+    assert attempt("A@example.com ").status_code == 200  # the same account
+    refused = attempt("a@example.com")
+    assert_rate_limited(refused, limit="2")
+    assert attempt("b@example.com").status_code == 200  # another account: 3rd try from this address
+    assert_rate_limited(attempt("c@example.com"), limit="3")  # the address is now over its limit
