@@ -1,0 +1,332 @@
+"""RulesCache against the real database (SQL counted, fake clock) and rule schema checks and violations."""
+from datetime import datetime, timezone
+
+import pytest
+from jsonschema import Draft202012Validator
+from referencing.exceptions import Unresolvable
+from sqlalchemy import event as sa_event
+
+from app.extensions import db
+from app.models import App, Rule
+from app.rules import LOCAL_ONLY, InvalidRuleSchema, RulesCache, check_rule_schema, compile_rule, hash_api_key
+
+TTL = 5.0
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def cache(clock):
+    return RulesCache(TTL, clock=clock)
+
+
+@pytest.fixture
+def count_sql(app):
+    """Yield a list that collects every SQL statement sent to this run's database."""
+    with app.app_context():
+        engine = db.engine
+    statements = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        statements.append(statement)
+
+    sa_event.listen(engine, "before_cursor_execute", record)
+    yield statements
+    sa_event.remove(engine, "before_cursor_execute", record)
+
+
+def get(app, cache, app_id):
+    """One cache look-up in its own app context, as one request would make it."""
+    with app.app_context():
+        return cache.get(app_id)
+
+
+def change(app, function):
+    """Change the database in a separate session and commit, as the management API would."""
+    with app.app_context():
+        function()
+        db.session.commit()
+
+
+def add_rule(app_id, name, action="reject", schema=None, event_name=None, enabled=True):
+    db.session.add(Rule(app_id=app_id, name=name, action=action, schema=schema or {"required": ["x"]},
+                        event_name=event_name, enabled=enabled))
+
+
+# --- RulesCache ---------------------------------------------------------------------------
+
+
+def test_first_lookup_loads_app_and_rules_from_the_database(app, cache, make_app, count_sql):
+    app_id, key = make_app(rules=[{"name": "r1", "schema": {"required": ["x"]}, "action": "reject"}])
+    count_sql.clear()
+    entry = get(app, cache, app_id)
+    assert count_sql, "a miss must read the database"
+    assert entry.id == app_id
+    assert entry.key_matches(key)
+    assert [r.name for r in entry.rules] == ["r1"]
+    assert (cache.hits, cache.misses) == (0, 1)
+
+
+def test_cache_hit_issues_no_sql(app, cache, clock, make_app, count_sql):
+    app_id, _ = make_app()
+    first = get(app, cache, app_id)
+    count_sql.clear()
+    for _ in range(5):
+        clock.advance(0.9)
+        assert get(app, cache, app_id) is first
+    assert count_sql == []
+    assert (cache.hits, cache.misses) == (5, 1)
+
+
+def test_rule_change_is_seen_only_after_the_ttl(app, cache, clock, make_app, count_sql):
+    app_id, _ = make_app()
+    assert get(app, cache, app_id).rules == ()
+
+    change(app, lambda: add_rule(app_id, "new_rule"))
+    clock.advance(TTL - 0.01)
+    count_sql.clear()
+    assert get(app, cache, app_id).rules == (), "the cached entry is used until the TTL has passed"
+    assert count_sql == []
+
+    clock.advance(0.01)
+    assert [r.name for r in get(app, cache, app_id).rules] == ["new_rule"]
+    assert count_sql, "an expired entry is reloaded"
+
+
+def test_disabled_and_deleted_rules_disappear_after_the_ttl(app, cache, clock, make_app):
+    app_id, _ = make_app(rules=[{"name": "a", "schema": {}, "action": "warn"},
+                                {"name": "b", "schema": {}, "action": "reject"}])
+    assert {r.name for r in get(app, cache, app_id).rules} == {"a", "b"}
+
+    def disable_a_delete_b():
+        db.session.execute(db.update(Rule).where(Rule.app_id == app_id, Rule.name == "a").values(enabled=False))
+        db.session.execute(db.delete(Rule).where(Rule.app_id == app_id, Rule.name == "b"))
+
+    change(app, disable_a_delete_b)
+    assert {r.name for r in get(app, cache, app_id).rules} == {"a", "b"}
+    clock.advance(TTL)
+    assert get(app, cache, app_id).rules == ()
+
+
+def test_disabled_rules_are_never_loaded(app, cache, make_app):
+    app_id, _ = make_app(rules=[{"name": "off", "schema": {}, "action": "reject", "enabled": False},
+                                {"name": "on", "schema": {}, "action": "reject"}])
+    assert [r.name for r in get(app, cache, app_id).rules] == ["on"]
+
+
+def test_rotated_key_works_only_after_the_ttl(app, cache, clock, make_app):
+    app_id, old_key = make_app()
+    assert get(app, cache, app_id).key_matches(old_key)
+
+    def rotate():
+        db.session.get(App, app_id).api_key_hash = hash_api_key("ik_new")
+
+    change(app, rotate)
+    assert get(app, cache, app_id).key_matches(old_key)
+    clock.advance(TTL)
+    entry = get(app, cache, app_id)
+    assert entry.key_matches("ik_new") and not entry.key_matches(old_key)
+
+
+def test_deleted_app_is_unknown_after_the_ttl(app, cache, clock, make_app):
+    app_id, _ = make_app()
+    assert get(app, cache, app_id) is not None
+
+    def delete():
+        db.session.get(App, app_id).deleted_at = datetime.now(timezone.utc)
+
+    change(app, delete)
+    clock.advance(TTL)
+    assert get(app, cache, app_id) is None
+
+
+def test_unknown_apps_are_cached_too(app, cache, clock, count_sql):
+    count_sql.clear()
+    assert get(app, cache, "no-such-app") is None
+    assert count_sql
+    count_sql.clear()
+    assert get(app, cache, "no-such-app") is None
+    assert count_sql == []
+    assert (cache.hits, cache.misses) == (1, 1)
+
+    clock.advance(TTL)
+    assert get(app, cache, "no-such-app") is None
+    assert count_sql, "an unknown app is looked up again after the TTL"
+
+
+def test_app_created_after_a_miss_is_found_after_the_ttl(app, cache, clock, make_app):
+    app_id, _ = make_app()
+    with app.app_context():  # hide it: the cache first sees it as unknown
+        db.session.execute(db.update(App).where(App.id == app_id).values(deleted_at=datetime.now(timezone.utc)))
+        db.session.commit()
+    assert get(app, cache, app_id) is None
+    with app.app_context():
+        db.session.execute(db.update(App).where(App.id == app_id).values(deleted_at=None))
+        db.session.commit()
+    assert get(app, cache, app_id) is None
+    clock.advance(TTL)
+    assert get(app, cache, app_id) is not None
+
+
+def test_entries_expire_per_app(app, cache, clock, make_app, count_sql):
+    first, _ = make_app()
+    get(app, cache, first)
+    clock.advance(TTL / 2)
+    second, _ = make_app()
+    get(app, cache, second)
+    clock.advance(TTL / 2)
+    count_sql.clear()
+    get(app, cache, second)
+    assert count_sql == []
+    get(app, cache, first)
+    assert count_sql
+
+
+def test_the_apps_own_cache_uses_rules_cache_ttl(app):
+    assert app.extensions["intake.rules"].ttl == app.config["RULES_CACHE_TTL"] == 1
+
+
+def test_key_matching(app, cache, make_app):
+    app_id, key = make_app()
+    entry = get(app, cache, app_id)
+    assert entry.key_matches(key)
+    assert not entry.key_matches(None)
+    assert not entry.key_matches("")
+    assert not entry.key_matches(key + "x")
+
+
+def test_rules_for_an_event_name(app, cache, make_app):
+    app_id, _ = make_app(rules=[{"name": "all", "schema": {}, "action": "reject"},
+                                {"name": "signup_only", "schema": {}, "action": "reject", "event_name": "signup"}])
+    entry = get(app, cache, app_id)
+    assert sorted(r.name for r in entry.rules_for("signup")) == ["all", "signup_only"]
+    assert [r.name for r in entry.rules_for("login")] == ["all"]
+
+
+# --- check_rule_schema --------------------------------------------------------------------
+
+
+@pytest.mark.no_clean  # touches neither the database nor Redis
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "nope"},
+        {"type": 5},
+        {"minimum": "ten"},
+        {"required": "user"},
+        {"properties": ["a"]},
+        {"pattern": "("},
+        {"properties": {"a": {"maxLength": -1}}},
+        {"allOf": {}},
+        [],
+        "object",
+        None,
+        42,
+    ],
+)
+def test_invalid_schemas_are_refused(schema):
+    with pytest.raises(InvalidRuleSchema):
+        check_rule_schema(schema)
+
+
+@pytest.mark.no_clean  # touches neither the database nor Redis
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"$ref": "https://example.com/schema.json"},
+        {"$ref": "http://example.com/schema.json#/$defs/a"},
+        {"$ref": "other.json"},
+        {"$ref": "/etc/passwd"},
+        {"$ref": "urn:example:thing"},
+        {"properties": {"user": {"$ref": "https://example.com/user.json"}}},
+        {"items": {"allOf": [{"type": "object"}, {"$ref": "file:///tmp/x.json"}]}},
+        {"$defs": {"a": {"$ref": "https://example.com/a"}}},
+        {"$dynamicRef": "https://example.com/meta"},
+    ],
+)
+def test_remote_refs_are_refused(schema):
+    with pytest.raises(InvalidRuleSchema, match="remote"):
+        check_rule_schema(schema)
+
+
+@pytest.mark.no_clean  # touches neither the database nor Redis
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {},
+        True,
+        {"type": "object", "required": ["event_name"], "properties": {"price": {"type": "number", "minimum": 0}}},
+        {"$defs": {"id": {"type": "string"}}, "properties": {"user": {"$ref": "#/$defs/id"}}},
+        {"$defs": {"id": {"$anchor": "ident", "type": "string"}}, "properties": {"user": {"$ref": "#ident"}}},
+        {"$id": "https://example.com/root", "$defs": {"n": {"type": "integer"}}, "items": {"$ref": "#/$defs/n"}},
+        {"properties": {"child": {"$ref": "#"}}},
+        {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object"},
+    ],
+)
+def test_valid_schemas_and_local_refs_are_accepted(schema):
+    check_rule_schema(schema)
+
+
+@pytest.mark.no_clean  # touches neither the database nor Redis
+@pytest.mark.parametrize("schema", [{"$ref": "#/$defs/missing"}, {"properties": {"a": {"$ref": "#nowhere"}}}])
+def test_local_refs_that_point_to_nothing_are_refused(schema):
+    with pytest.raises(InvalidRuleSchema, match="points to nothing"):
+        check_rule_schema(schema)
+
+
+@pytest.mark.no_clean  # touches neither the database nor Redis
+def test_local_ref_is_followed_when_validating():
+    schema = {"$defs": {"id": {"type": "string"}}, "properties": {"user": {"$ref": "#/$defs/id"}}}
+    rule = compile_rule(Rule(name="ids", event_name=None, action="reject", schema=schema))
+    assert rule.violations({"user": "u1"}) == []
+    assert [v["path"] for v in rule.violations({"user": 1})] == ["/user"]
+
+
+@pytest.mark.no_clean  # touches neither the database nor Redis
+def test_a_stored_remote_ref_is_never_fetched():
+    validator = Draft202012Validator({"$ref": "http://127.0.0.1:9/schema.json"}, registry=LOCAL_ONLY)
+    with pytest.raises(Unresolvable):
+        list(validator.iter_errors({}))
+
+
+# --- violations ---------------------------------------------------------------------------
+
+
+@pytest.mark.no_clean  # touches neither the database nor Redis
+def test_violations_carry_pointer_message_and_rule_name():
+    schema = {
+        "type": "object",
+        "required": ["event_name", "user"],
+        "properties": {
+            "items": {"type": "array", "items": {"type": "integer"}},
+            "meta": {"type": "object", "properties": {"a/b": {"type": "string"}, "c~d": {"maximum": 1}}},
+        },
+    }
+    rule = compile_rule(Rule(name="shape", event_name=None, action="reject", schema=schema))
+    violations = rule.violations({"event_name": "x", "items": [1, 2, "three"], "meta": {"a/b": 1, "c~d": 5}})
+    by_path = {v["path"]: v for v in violations}
+    assert set(by_path) == {"", "/items/2", "/meta/a~1b", "/meta/c~0d"}
+    assert all(v["rule"] == "shape" for v in violations)
+    assert "'user' is a required property" in by_path[""]["message"]
+    assert "'three' is not of type 'integer'" in by_path["/items/2"]["message"]
+    assert "5 is greater than the maximum of 1" in by_path["/meta/c~0d"]["message"]
+
+
+@pytest.mark.no_clean  # touches neither the database nor Redis
+def test_no_violations_for_a_valid_event():
+    rule = compile_rule(Rule(name="r", event_name=None, action="warn", schema={"required": ["a"]}))
+    assert rule.violations({"a": 1}) == []
