@@ -25,6 +25,7 @@ test: install
 	$(BIN)/pytest
 
 bench: install
+	command -v wrk >/dev/null 2>&1 || { apt-get update && apt-get install -y wrk; }
 	$(BIN)/python bench/run.py
 
 clean:
