@@ -44,6 +44,9 @@ class Config:
         self.INSTANCE_PATH = str(instance)
         self.SQLALCHEMY_DATABASE_URI = _database_url(env, instance)
         self.SQLALCHEMY_ENGINE_OPTIONS = {"pool_pre_ping": True}
+        if self.SQLALCHEMY_DATABASE_URI.startswith("postgresql"):
+            # A database that hangs must not hold request threads (rules cache misses).
+            self.SQLALCHEMY_ENGINE_OPTIONS["connect_args"] = {"connect_timeout": 3}
         self.REDIS_URL = env.get("REDIS_URL") or None
         self.CELERY_BROKER_URL = env.get("CELERY_BROKER_URL") or self.REDIS_URL or "filesystem://"
         self.BROKER_FOLDER = str(instance / "broker")

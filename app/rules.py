@@ -5,6 +5,7 @@ or an entry older than RULES_CACHE_TTL) loads the app and its enabled rules.
 """
 import hashlib
 import hmac
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from referencing.jsonschema import DRAFT202012
 from app import metrics
 from app.extensions import db
 from app.models import App, Rule
+
+log = logging.getLogger(__name__)
 
 
 def hash_api_key(key: str) -> str:
@@ -117,6 +120,13 @@ def load_app_entry(app_id: str) -> AppEntry | None:
     return AppEntry(app.id, app.api_key_hash, tuple(compile_rule(r) for r in rules))
 
 
+STALE_RECHECK_SECONDS = 1.0
+
+
+class RulesUnavailable(Exception):
+    """An app that is not cached yet could not be loaded: the database is unavailable."""
+
+
 class RulesCache:
     """App entries by id, each reloaded after `ttl` seconds; unknown apps are cached too."""
 
@@ -145,7 +155,17 @@ class RulesCache:
                 return cached[1]
             self.misses += 1
             metrics.RULES_CACHE_MISS.inc()
-            entry = self._loader(app_id)
+            try:
+                entry = self._loader(app_id)
+            except Exception as error:
+                db.session.rollback()
+                if cached is None:
+                    raise RulesUnavailable(app_id) from error
+                # The database is away. Nobody can change a key or a rule meanwhile, so the
+                # entry we hold is still the truth: keep ingesting, and look again shortly.
+                log.warning("app %s: database unavailable, serving its cached rules (%s)", app_id, type(error).__name__)
+                self._entries[app_id] = (self._clock() + min(self.ttl, STALE_RECHECK_SECONDS), cached[1])
+                return cached[1]
             self._entries[app_id] = (self._clock() + self.ttl, entry)
             return entry
 

@@ -5,10 +5,21 @@ import pytest
 from jsonschema import Draft202012Validator
 from referencing.exceptions import Unresolvable
 from sqlalchemy import event as sa_event
+from sqlalchemy.exc import OperationalError
 
 from app.extensions import db
 from app.models import App, Rule
-from app.rules import LOCAL_ONLY, InvalidRuleSchema, RulesCache, check_rule_schema, compile_rule, hash_api_key
+from app.rules import (
+    LOCAL_ONLY,
+    STALE_RECHECK_SECONDS,
+    InvalidRuleSchema,
+    RulesCache,
+    RulesUnavailable,
+    check_rule_schema,
+    compile_rule,
+    hash_api_key,
+    load_app_entry,
+)
 
 TTL = 5.0
 
@@ -330,3 +341,56 @@ def test_violations_carry_pointer_message_and_rule_name():
 def test_no_violations_for_a_valid_event():
     rule = compile_rule(Rule(name="r", event_name=None, action="warn", schema={"required": ["a"]}))
     assert rule.violations({"a": 1}) == []
+
+
+class FlakyLoader:
+    """The real loader, until `down` is set: then it fails as an unreachable database does."""
+
+    def __init__(self):
+        self.down = False
+        self.calls = 0
+
+    def __call__(self, app_id):
+        self.calls += 1
+        if self.down:
+            raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+        return load_app_entry(app_id)
+
+
+def test_database_outage_serves_the_cached_entry_and_rechecks_soon(app, clock, make_app):
+    loader = FlakyLoader()
+    cache = RulesCache(TTL, loader=loader, clock=clock)
+    app_id, key = make_app()
+    entry = get(app, cache, app_id)
+    loader.down = True
+    clock.advance(TTL + 0.1)
+    assert get(app, cache, app_id) == entry  # stale, but ingestion goes on
+    calls = loader.calls
+    assert get(app, cache, app_id) == entry and loader.calls == calls  # not a query per request
+    clock.advance(STALE_RECHECK_SECONDS + 0.1)
+    loader.down = False
+    assert get(app, cache, app_id) == entry and loader.calls == calls + 1
+
+
+def test_database_outage_for_an_uncached_app_is_reported(app, clock):
+    loader = FlakyLoader()
+    loader.down = True
+    with pytest.raises(RulesUnavailable):
+        get(app, RulesCache(TTL, loader=loader, clock=clock), "never-seen")
+
+
+def test_database_outage_gives_503_not_500_for_an_uncached_app(app, client, make_app):
+    app_id, key = make_app()
+    cache = app.extensions["intake.rules"]
+    original = cache._loader
+    cache.clear()
+    cache._loader = FlakyLoader()
+    cache._loader.down = True
+    try:
+        response = client.post(f"/api/logs/{app_id}", json={"event_name": "e"}, headers={"X-API-Key": key})
+    finally:
+        cache._loader = original
+        cache.clear()
+    assert response.status_code == 503
+    assert response.get_json()["error"]["code"] == "service_unavailable"
+    assert response.headers["Retry-After"]

@@ -9,7 +9,7 @@ from app import events, limits, logs, metrics
 from app.errors import ApiError
 from app.ingest import checks
 from app.publisher import QueueUnavailable, get_publisher
-from app.rules import AppEntry
+from app.rules import AppEntry, RulesUnavailable
 
 bp = Blueprint("ingest", __name__, url_prefix="/api/logs")
 # Threads start on first use, so in each gunicorn worker after the fork.
@@ -25,7 +25,11 @@ def queue_unavailable() -> ApiError:
 
 def authenticate(app_id: str) -> AppEntry:
     """The cached app whose key the request carries (404 unknown app, 401 wrong key)."""
-    entry = current_app.extensions["intake.rules"].get(app_id)
+    try:
+        entry = current_app.extensions["intake.rules"].get(app_id)
+    except RulesUnavailable:
+        raise ApiError(503, "service_unavailable", "The app's records cannot be read right now; retry shortly.",
+                       headers={"Retry-After": "5"}) from None
     if entry is None:
         raise ApiError(404, "app_not_found", "There is no app with this id.")
     if not entry.key_matches(request.headers.get("X-API-Key")):
