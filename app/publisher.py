@@ -11,7 +11,8 @@ import queue
 import threading
 import time
 import uuid
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from flask import current_app
 
@@ -34,6 +35,7 @@ class Publisher:
         self.max_events = max_events
         self.timeout = timeout
         self._waiting: queue.SimpleQueue = queue.SimpleQueue()
+        self._batches: ThreadPoolExecutor | None = None
         self._thread_pid = None
         self._start_lock = threading.Lock()
 
@@ -76,8 +78,8 @@ class Publisher:
         return count
 
     def _forget(self, queue_name, group_id):
-        # The client is told 503 and will retry: drop the record so the sweeper does
-        # not store a second copy of events the client sends again.
+        # The client is told 503 and will retry: drop the record so that neither the
+        # worker nor the sweeper stores a second copy of events the client sends again.
         try:
             self.pending.done(queue_name, group_id)
         except Exception:
@@ -85,17 +87,40 @@ class Publisher:
 
     def submit(self, event: dict) -> Future:
         """Queue one event for the next group to `default`; the future yields its task id."""
-        self._ensure_thread()
+        self._ensure_threads()
         future: Future = Future()
         self._waiting.put((event, future, logs.current_request_id()))
         return future
 
-    def _ensure_thread(self):
+    def submit_batch(self, events: list[dict]) -> Future:
+        """Publish a batch request's events as one message to `batch_processing`, off the request thread."""
+        self._ensure_threads()
+        future: Future = Future()
+        request_ids = [i for i in [logs.current_request_id()] if i]
+        self._batches.submit(self._publish_for, [future], "batch_processing", events, request_ids)
+        return future
+
+    def wait(self, future: Future) -> str:
+        """The task id once the broker has the message; QueueUnavailable if not within the timeout.
+
+        A caller that gives up has told its client 503, so its events must not be stored:
+        an event not yet published is skipped, and a group every caller gave up on is
+        dropped from the pending store even if its message reaches the broker later.
+        """
+        try:
+            return future.result(timeout=self.timeout)
+        except FutureTimeout:
+            if not future.cancel():
+                future.abandoned = True
+            raise QueueUnavailable("the broker did not answer in time") from None
+
+    def _ensure_threads(self):
         # Started on first use in each process: gunicorn and Celery fork after the factory.
         if self._thread_pid != os.getpid():
             with self._start_lock:
                 if self._thread_pid != os.getpid():
                     self._waiting = queue.SimpleQueue()
+                    self._batches = ThreadPoolExecutor(max_workers=8, thread_name_prefix="intake-batch-publish")
                     threading.Thread(target=self._run, name="intake-publisher", daemon=True).start()
                     self._thread_pid = os.getpid()
 
@@ -112,15 +137,24 @@ class Publisher:
 
     def _run(self):
         while True:
-            group = self._next_group()
-            try:
-                task_id = self.publish("default", [event for event, _, _ in group], [r for _, _, r in group if r])
-            except Exception as error:
-                for _, future, _ in group:
-                    future.set_exception(error)
-            else:
-                for _, future, _ in group:
-                    future.set_result(task_id)
+            group = [item for item in self._next_group() if item[1].set_running_or_notify_cancel()]
+            if group:
+                self._publish_for([f for _, f, _ in group], "default", [e for e, _, _ in group],
+                                  [r for _, _, r in group if r])
+
+    def _publish_for(self, futures: list[Future], queue_name: str, events: list[dict], request_ids: list[str]):
+        if queue_name == "batch_processing" and not futures[0].set_running_or_notify_cancel():
+            return  # its caller gave up before we started
+        try:
+            task_id = self.publish(queue_name, events, request_ids)
+        except Exception as error:
+            for future in futures:
+                future.set_exception(error)
+            return
+        if all(getattr(future, "abandoned", False) for future in futures):
+            self._forget(queue_name, task_id)
+        for future in futures:
+            future.set_result(task_id)
 
 
 def get_publisher() -> Publisher:

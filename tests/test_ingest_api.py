@@ -4,6 +4,7 @@ import gzip
 import io
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -625,3 +626,23 @@ def test_hanging_pending_store_is_503_within_two_seconds(other_apps, hanging_bro
     assert_503_fast(client, app_id, key)
     assert_503_fast(client, app_id, key, batch=True)
     assert_nothing_left(redis)
+
+
+def test_frozen_broker_that_recovers_stores_nothing_the_client_was_refused(other_apps, private_redis, app_key, redis,
+                                                                           test_environment):
+    app_id, key = app_key
+    private_redis.start()
+    frozen = other_apps({"REDIS_URL": test_environment["REDIS_URL"], "CELERY_BROKER_URL": private_redis.url})
+    client = frozen.test_client()
+    assert post(client, app_id, key, {"event_name": "warm-up"}).status_code == 202
+    redis.delete(BODIES, "intake:pending:due:default")
+    private_redis.proc.send_signal(signal.SIGSTOP)  # alive, but answers nothing
+    try:
+        assert_503_fast(client, app_id, key)
+        assert_503_fast(client, app_id, key, batch=True)
+    finally:
+        private_redis.proc.send_signal(signal.SIGCONT)
+    # The cut-short publishes may now reach the broker, but the client was told 503: the
+    # pending records are dropped, so a worker finds nothing to store for them.
+    time.sleep(3)
+    wait_until(lambda: redis.hlen(BODIES) == 0, timeout=15, message="the refused events' records dropped")

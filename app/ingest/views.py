@@ -1,19 +1,15 @@
 """POST /api/logs/<app_id>[/batch]: load → check → publish → 202; and the status look-up."""
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timezone
 
 from flask import Blueprint, current_app, g, request
 
-from app import events, limits, logs, metrics
+from app import events, limits, metrics
 from app.errors import ApiError
 from app.ingest import checks
 from app.publisher import QueueUnavailable, get_publisher
 from app.rules import AppEntry, RulesUnavailable
 
 bp = Blueprint("ingest", __name__, url_prefix="/api/logs")
-# Threads start on first use, so in each gunicorn worker after the fork.
-_batch_publishing = ThreadPoolExecutor(max_workers=8, thread_name_prefix="intake-batch-publish")
 
 
 def queue_unavailable() -> ApiError:
@@ -46,9 +42,10 @@ def ingest_event(app_id):
     event = checks.check_event(
         entry, checks.parse_json(body), max_depth=config["INGEST_MAX_DEPTH"], received_at=datetime.now(timezone.utc)
     )
+    publisher = get_publisher()
     try:
-        task_id = get_publisher().submit(event).result(timeout=config["INGEST_PUBLISH_TIMEOUT"])
-    except (QueueUnavailable, FutureTimeout):
+        task_id = publisher.wait(publisher.submit(event))
+    except QueueUnavailable:
         raise queue_unavailable() from None
     metrics.EVENTS_ACCEPTED.inc()
     return {"status": "accepted", "event_id": event["event_id"], "task_id": task_id, "validation": event["validation"]}, 202
@@ -88,13 +85,10 @@ def ingest_batch(app_id):
         error = {"code": "validation_failed", "message": "No event in the batch was accepted; see rejected."}
         return {"error": error, "status": "rejected", **result, "task_id": None}, 422
     # Bounded like a single event: a broker that hangs (not refuses) must still give a 503 in time.
-    future = _batch_publishing.submit(
-        get_publisher().publish, "batch_processing", accepted, [logs.current_request_id()]
-    )
+    publisher = get_publisher()
     try:
-        task_id = future.result(timeout=config["INGEST_PUBLISH_TIMEOUT"])
-    except (QueueUnavailable, FutureTimeout):
-        future.cancel()  # not started yet: never publish what the client is told was refused
+        task_id = publisher.wait(publisher.submit_batch(accepted))
+    except QueueUnavailable:
         raise queue_unavailable() from None
     metrics.count_batch(len(accepted), rejected)
     return {"status": "accepted", **result, "task_id": task_id}, 202
