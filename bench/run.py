@@ -974,7 +974,7 @@ def parse_args(argv=None):
                         help="seconds wrk keeps running after the deadline so that requests in flight finish")
     parser.add_argument("--poll-interval", type=float, default=0.05, help="seconds between drain checks")
     parser.add_argument("--web-workers", type=int, default=2, help="gunicorn workers (WEB_CONCURRENCY)")
-    parser.add_argument("--web-threads", type=int, default=4, help="gunicorn threads per worker")
+    parser.add_argument("--web-threads", type=int, default=8, help="gunicorn threads per worker (as deployed: 8)")
     parser.add_argument("--worker-concurrency", type=int, default=2, help="Celery prefork concurrency")
     parser.add_argument("--shared-worker", action="store_true",
                         help="one Celery worker for both queues instead of one per queue (start_celery_worker.sh)")
