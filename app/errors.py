@@ -2,6 +2,7 @@
 import logging
 
 from flask import Flask, g, has_request_context, jsonify
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,15 @@ def error_response(status, code, message, details=None, headers=None):
     return response
 
 
+def _rollback_quietly() -> None:
+    from app.extensions import db
+
+    try:
+        db.session.rollback()
+    except Exception:
+        db.session.invalidate()
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def handle_api_error(error):
@@ -62,11 +72,17 @@ def register_error_handlers(app: Flask) -> None:
             headers["Allow"] = ", ".join(error.valid_methods)
         return error_response(status, HTTP_CODES.get(status, "http_error"), error.description, headers=headers)
 
+    @app.errorhandler(OperationalError)
+    def handle_database_unavailable(error):
+        # The database is down or unreachable: not the client's fault, and worth a retry.
+        log.warning("database unavailable: %s", type(getattr(error, "orig", error)).__name__)
+        _rollback_quietly()
+        return error_response(503, "service_unavailable", "The database is unavailable; retry shortly.",
+                              headers={"Retry-After": "5"})
+
     @app.errorhandler(Exception)
     def handle_unexpected(error):
         # The trace goes to the log; the client only learns that it was our fault.
         log.exception("unhandled error")
-        from app.extensions import db
-
-        db.session.rollback()
+        _rollback_quietly()
         return error_response(500, "internal_error", "Something went wrong on our side; retry later.")

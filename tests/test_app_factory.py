@@ -56,3 +56,26 @@ def test_broker_defaults():
     assert Config({}).CELERY_BROKER_URL == "filesystem://"
     assert Config({"REDIS_URL": "redis://r:6379/1"}).CELERY_BROKER_URL == "redis://r:6379/1"
     assert Config({"REDIS_URL": "redis://r/1", "CELERY_BROKER_URL": "amqp://mq"}).CELERY_BROKER_URL == "amqp://mq"
+
+
+def test_database_unavailable_is_503_not_500(tmp_path):
+    from tests.conftest import free_port
+
+    app = create_app({"SQLALCHEMY_DATABASE_URI": f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/none"})
+    response = app.test_client().get("/api/logs/some-app/events/some-event", headers={"X-API-Key": "k"})
+    assert response.status_code == 503
+    assert response.get_json()["error"]["code"] == "service_unavailable"
+    assert response.headers["Retry-After"]
+
+
+def test_any_database_outage_is_503():
+    from sqlalchemy.exc import OperationalError
+
+    app = create_app()
+
+    @app.get("/needs-database")
+    def needs_database():
+        raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+    response = app.test_client().get("/needs-database")
+    assert response.status_code == 503 and response.get_json()["error"]["code"] == "service_unavailable"
