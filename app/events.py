@@ -1,5 +1,4 @@
 """Storing events: bulk, idempotent writes; failed events; status look-ups."""
-import io
 import logging
 import random
 from datetime import datetime, timezone
@@ -46,67 +45,38 @@ def is_transient(error: Exception) -> bool:
     if isinstance(error, DBAPIError) and error.connection_invalidated:
         return True
     dbapi = db.engine.dialect.loaded_dbapi
-    # COPY runs on the driver's cursor, so its errors arrive unwrapped by SQLAlchemy.
+    # The group insert runs on the driver's cursor, so its errors arrive unwrapped by SQLAlchemy.
     original = getattr(error, "orig", None) or error
     return isinstance(original, (dbapi.OperationalError, dbapi.InterfaceError))
 
 
-# PostgreSQL: COPY into a per-connection staging table, then one INSERT … SELECT that
-# skips (app_id, event_id) pairs already stored. Several times faster than a multi-row
-# INSERT (README "Throughput"); times arrive as integer microseconds and are converted
-# in SQL, exactly.
-STAGE_TABLE = """
-CREATE TEMP TABLE IF NOT EXISTS events_stage (
-    app_id text, event_id text, event_name text, level text, user_id text,
-    timestamp_us bigint, received_us bigint, validation jsonb, payload jsonb
-) ON COMMIT DELETE ROWS"""
-COPY_STAGE = "COPY events_stage FROM STDIN"
-MOVE_STAGE = """
+# PostgreSQL: the whole group travels as one JSON document and one INSERT … SELECT
+# unpacks it, skipping (app_id, event_id) pairs already stored. One statement, one round
+# trip: for the small groups of single events about twice as fast as COPY into a staging
+# table, and as fast for large batches (README "Throughput"). Times arrive as integer
+# microseconds and are converted in SQL, exactly.
+INSERT_GROUP = """
 INSERT INTO events (app_id, event_id, event_name, level, user_id, "timestamp", received_at, processed_at,
                     validation, payload)
 SELECT app_id, event_id, event_name, level, user_id,
-       'epoch'::timestamptz + timestamp_us * interval '1 microsecond',
-       'epoch'::timestamptz + received_us * interval '1 microsecond',
+       'epoch'::timestamptz + "timestamp" * interval '1 microsecond',
+       'epoch'::timestamptz + received_at * interval '1 microsecond',
        now(), validation, payload
-FROM events_stage
+FROM jsonb_to_recordset(%s::jsonb) AS e(app_id text, event_id text, event_name text, level text, user_id text,
+                                        "timestamp" bigint, received_at bigint, validation jsonb, payload jsonb)
 ON CONFLICT (app_id, event_id) DO NOTHING"""
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
-def _copy_text(value: str | None) -> str:
-    return "\\N" if value is None else value.translate(_COPY_ESCAPES)
-
-
-def _copy_json(value) -> str:
-    # orjson escapes every control character, so only the backslash needs doubling.
-    return orjson.dumps(value).decode().replace("\\", "\\\\")
-
-
-def _copy_rows(events: list[dict]) -> io.StringIO:
-    buffer = io.StringIO()
-    for e in events:
-        buffer.write("\t".join((
-            _copy_text(e["app_id"]), _copy_text(e["event_id"]), _copy_text(e["event_name"]), _copy_text(e["level"]),
-            _copy_text(e["user_id"]), str(int(e["timestamp"])), str(int(e["received_at"])),
-            _copy_json(e["validation"]), _copy_json(e["payload"]),
-        )))
-        buffer.write("\n")
-    buffer.seek(0)
-    return buffer
-
-
-def _copy_insert(events: list[dict]) -> None:
+def _insert_group(events: list[dict]) -> None:
     cursor = db.session.connection().connection.dbapi_connection.cursor()
-    cursor.execute(STAGE_TABLE)
-    cursor.copy_expert(COPY_STAGE, _copy_rows(events), size=65536)
-    cursor.execute(MOVE_STAGE)
+    cursor.execute(INSERT_GROUP, (orjson.dumps(events).decode(),))
 
 
 def insert_events(events: list[dict]) -> None:
     """Write events in one round of statements and one commit; a repeated (app, event_id) is skipped."""
     try:
         if db.engine.dialect.name == "postgresql":
-            _copy_insert(events)
+            _insert_group(events)
         else:
             processed_at = datetime.now(timezone.utc)
             statement = _insert(Event.__table__).on_conflict_do_nothing(index_elements=["app_id", "event_id"])
