@@ -158,14 +158,18 @@ def _task_started_at(task_id=None, **_):
 
 @signals.task_postrun.connect(weak=False, dispatch_uid="intake.logs.task_postrun")
 def _log_task(task_id=None, task=None, retval=None, state=None, **_):
+    """One JSON line per finished task, and its metrics, timed once."""
     started = _task_started.pop(task_id, None)
+    seconds = time.perf_counter() - started if started else None
     task_request = task.request
     outcome = metrics.task_outcome(state, retval)
+    queue = metrics.task_queue(task_request)
+    metrics.count_task(task.name, queue, outcome, seconds)
     fields = {
         "task": task.name,
         "task_id": task_id,
-        "queue": metrics.task_queue(task_request),
-        "duration_ms": round((time.perf_counter() - started) * 1000, 2) if started else None,
+        "queue": queue,
+        "duration_ms": round(seconds * 1000, 2) if seconds is not None else None,
         "outcome": outcome,
         "retries": task_request.retries or 0,
     }

@@ -183,26 +183,15 @@ def task_queue(task_request) -> str:
     return (getattr(task_request, "delivery_info", None) or {}).get("routing_key") or "unknown"
 
 
-_task_started: dict[str, float] = {}
-
-
-@signals.task_prerun.connect(weak=False, dispatch_uid="intake.metrics.task_prerun")
-def _task_started_at(task_id=None, **_):
-    _task_started[task_id] = time.perf_counter()
-
-
-@signals.task_postrun.connect(weak=False, dispatch_uid="intake.metrics.task_postrun")
-def _count_task(task_id=None, task=None, retval=None, state=None, **_):
-    started = _task_started.pop(task_id, None)
-    queue = task_queue(task.request)
-    outcome = task_outcome(state, retval)
-    WORKER_TASKS.labels(task.name, queue, outcome).inc()
-    if started is not None:
-        WORKER_TASK_DURATION.labels(task.name, queue).observe(time.perf_counter() - started)
+def count_task(name: str, queue: str, outcome: str, seconds: float | None) -> None:
+    """Count one finished task (called from the task log line in app/logs.py, which times it)."""
+    WORKER_TASKS.labels(name, queue, outcome).inc()
+    if seconds is not None:
+        WORKER_TASK_DURATION.labels(name, queue).observe(seconds)
     if outcome == "retry":
-        WORKER_TASK_RETRIES.labels(task.name, queue).inc()
+        WORKER_TASK_RETRIES.labels(name, queue).inc()
     elif outcome in ("failure", "failed"):
-        WORKER_TASK_FAILURES.labels(task.name, queue).inc()
+        WORKER_TASK_FAILURES.labels(name, queue).inc()
 
 
 @signals.celeryd_init.connect(weak=False, dispatch_uid="intake.metrics.worker_server")
