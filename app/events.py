@@ -13,7 +13,6 @@ from app.extensions import db
 from app.models import Event, FailedEvent, new_id
 
 log = logging.getLogger(__name__)
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def _from_us(micros: int) -> datetime:

@@ -75,10 +75,6 @@ class RedisPendingStore:
         ids = self._claim(keys=[self._due_key(queue)], args=[now, now + self.redeliver_after, limit])
         return [i.decode() for i in ids]
 
-    def oldest_due(self, queue: str) -> float | None:
-        first = self.redis.zrange(self._due_key(queue), 0, 0, withscores=True)
-        return first[0][1] if first else None
-
 
 class FolderPendingStore:
     """Pending records as files under instance/, for the embedded default (no Redis)."""
@@ -123,10 +119,6 @@ class FolderPendingStore:
                 self._write(queue, path.stem, record["events"], record["attempts"], now + self.redeliver_after)
                 claimed.append(path.stem)
         return claimed
-
-    def oldest_due(self, queue):
-        dues = [r["due"] for p in (self.folder / queue).glob("*.json") if (r := self.load(queue, p.stem))]
-        return min(dues, default=None)
 
 
 def pending_store_from_config(config) -> RedisPendingStore | FolderPendingStore:
