@@ -72,7 +72,7 @@ def _insert_group(events: list[dict]) -> None:
 
 
 def insert_events(events: list[dict]) -> None:
-    """Write events in one round of statements and one commit; a repeated (app, event_id) is skipped."""
+    """Write events in one statement and one commit; a repeated (app, event_id) is skipped."""
     try:
         if db.engine.dialect.name == "postgresql":
             _insert_group(events)
