@@ -15,18 +15,28 @@ from pathlib import Path
 import orjson
 import redis
 
+# A record redelivered again and again without progress is most likely still waiting in
+# a backed-up queue: each redelivery doubles its next lease (up to 2**MAX_DOUBLINGS times),
+# so that an overloaded system is not handed ever more copies of the same work.
+MAX_DOUBLINGS = 3
 # Claim overdue ids atomically, pushing their due time forward, so that two sweepers
 # running at once (a PaaS can briefly run two beats) publish each id once.
 CLAIM_DUE = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
+local now, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(ids) do
+  local redeliveries = redis.call('HINCRBY', KEYS[2], id, 1)
+  redis.call('ZADD', KEYS[1], now + lease * 2 ^ math.min(redeliveries - 1, tonumber(ARGV[4])), id)
+end
 return ids
 """
 # Reschedule only a record that still exists: a duplicate delivery may have stored it.
+# A worker got to it, so its redeliveries start again from none.
 RESCHEDULE = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
 return 1
 """
 
@@ -39,6 +49,7 @@ class RedisPendingStore:
     """Pending records in Redis: a hash of bodies and, per queue, a sorted set of due times."""
 
     BODIES = "intake:pending:bodies"
+    REDELIVERIES = "intake:pending:redeliveries"
 
     def __init__(self, url: str, redeliver_after: float):
         self.redeliver_after = redeliver_after
@@ -64,15 +75,17 @@ class RedisPendingStore:
         pipe = self.redis.pipeline(transaction=True)
         pipe.hdel(self.BODIES, group_id)
         pipe.zrem(self._due_key(queue), group_id)
+        pipe.hdel(self.REDELIVERIES, group_id)
         pipe.execute()
 
     def reschedule(self, queue: str, group_id: str, events: list, attempts: int, delay: float) -> bool:
-        keys = [self.BODIES, self._due_key(queue)]
+        keys = [self.BODIES, self._due_key(queue), self.REDELIVERIES]
         return bool(self._reschedule(keys=keys, args=[group_id, _record(events, attempts), time.time() + delay]))
 
     def claim_due(self, queue: str, limit: int = 1000) -> list[str]:
         now = time.time()
-        ids = self._claim(keys=[self._due_key(queue)], args=[now, now + self.redeliver_after, limit])
+        ids = self._claim(keys=[self._due_key(queue), self.REDELIVERIES],
+                          args=[now, self.redeliver_after, limit, MAX_DOUBLINGS])
         return [i.decode() for i in ids]
 
 
@@ -86,11 +99,11 @@ class FolderPendingStore:
     def _path(self, queue, group_id):
         return self.folder / queue / f"{group_id}.json"
 
-    def _write(self, queue, group_id, events, attempts, due):
+    def _write(self, queue, group_id, events, attempts, due, redeliveries=0):
         path = self._path(queue, group_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"due": due, "attempts": attempts, "events": events}))
+        tmp.write_text(json.dumps({"due": due, "attempts": attempts, "redeliveries": redeliveries, "events": events}))
         os.replace(tmp, path)
 
     def put(self, queue, group_id, events, attempts=0):
@@ -116,7 +129,9 @@ class FolderPendingStore:
         for path in sorted((self.folder / queue).glob("*.json"))[: limit * 10]:
             record = self.load(queue, path.stem)
             if record and record["due"] <= now and len(claimed) < limit:
-                self._write(queue, path.stem, record["events"], record["attempts"], now + self.redeliver_after)
+                redeliveries = record.get("redeliveries", 0) + 1
+                lease = self.redeliver_after * 2 ** min(redeliveries - 1, MAX_DOUBLINGS)
+                self._write(queue, path.stem, record["events"], record["attempts"], now + lease, redeliveries)
                 claimed.append(path.stem)
         return claimed
 
