@@ -4,7 +4,7 @@
 --   1 api key ("-" for none)   2 id prefix   3 folder for accepted-id files ("-" for none)
 --   4 events per request       5 event_name  6 expected status (200 or 202)
 --   7 deadline, epoch seconds ("-" for none): from then on no connection sends another
---     request (see `delay` in single.lua / batch.lua), so the requests in flight finish and
+--     request (see `delay` below), so the requests in flight finish and
 --     every request the server handled is counted: accepted == stored exactly.
 --
 -- Every thread numbers its requests (thread id + per-thread counter), so each event id
@@ -138,4 +138,10 @@ function done(summary, latency, requests)
       ',"last_response_at":', string.format("%.6f", last),
       ',"first_error":', json_string(err),
       "}\n")
+end
+
+-- After the deadline a connection sends nothing more: its next request waits an hour.
+function delay()
+   if deadline and now() >= deadline then return 3600000 end
+   return 0
 end
