@@ -5,6 +5,8 @@ from flask import Flask, g, has_request_context, jsonify
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
+from app.extensions import rollback_session
+
 log = logging.getLogger(__name__)
 
 # Codes for errors raised by Flask/Werkzeug themselves (unknown route, 405, ...).
@@ -50,15 +52,6 @@ def error_response(status, code, message, details=None, headers=None):
     return response
 
 
-def _rollback_quietly() -> None:
-    from app.extensions import db
-
-    try:
-        db.session.rollback()
-    except Exception:
-        db.session.invalidate()
-
-
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def handle_api_error(error):
@@ -76,7 +69,7 @@ def register_error_handlers(app: Flask) -> None:
     def handle_database_unavailable(error):
         # The database is down or unreachable: not the client's fault, and worth a retry.
         log.warning("database unavailable: %s", type(getattr(error, "orig", error)).__name__)
-        _rollback_quietly()
+        rollback_session()
         return error_response(503, "service_unavailable", "The database is unavailable; retry shortly.",
                               headers={"Retry-After": "5"})
 
@@ -84,5 +77,5 @@ def register_error_handlers(app: Flask) -> None:
     def handle_unexpected(error):
         # The trace goes to the log; the client only learns that it was our fault.
         log.exception("unhandled error")
-        _rollback_quietly()
+        rollback_session()
         return error_response(500, "internal_error", "Something went wrong on our side; retry later.")

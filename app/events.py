@@ -9,8 +9,8 @@ from flask import current_app
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 
-from app.extensions import db
-from app.models import Event, FailedEvent, new_id
+from app.extensions import db, rollback_session
+from app.models import Event, FailedEvent, new_id, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -77,20 +77,13 @@ def insert_events(events: list[dict]) -> None:
         if db.engine.dialect.name == "postgresql":
             _insert_group(events)
         else:
-            processed_at = datetime.now(timezone.utc)
+            processed_at = utcnow()
             statement = _insert(Event.__table__).on_conflict_do_nothing(index_elements=["app_id", "event_id"])
             db.session.execute(statement, [_row(e, processed_at) for e in events])
         db.session.commit()
     except Exception:
-        _rollback()
+        rollback_session()
         raise
-
-
-def _rollback() -> None:
-    try:
-        db.session.rollback()
-    except Exception:
-        db.session.invalidate()  # the connection itself is gone: let the pool replace it
 
 
 def store_events(events: list[dict]) -> list[tuple[dict, str]]:
@@ -131,7 +124,7 @@ def _storable(value):
 
 def record_failures(failures: list[tuple[dict, str]], attempts: int) -> None:
     """Keep events that could not be stored as the app's failed events (dead letters)."""
-    now = datetime.now(timezone.utc)
+    now = utcnow()
     rows = [
         {
             "id": new_id(),

@@ -17,6 +17,14 @@ class Base(DeclarativeBase):
 
 db = SQLAlchemy(model_class=Base)
 migrate = Migrate()
+
+
+def rollback_session() -> None:
+    """Roll back the session; if the connection itself is gone, let the pool replace it."""
+    try:
+        db.session.rollback()
+    except Exception:
+        db.session.invalidate()
 # Storage from RATELIMIT_STORAGE_URI; app/limits.py holds the limits. A storage outage never
 # fails a request: decorated limits fall back to per-process memory (see app/limits.py).
 limiter = Limiter(

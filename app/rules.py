@@ -17,7 +17,7 @@ from referencing.exceptions import NoSuchResource, Unresolvable
 from referencing.jsonschema import DRAFT202012
 
 from app import metrics
-from app.extensions import db
+from app.extensions import db, rollback_session
 from app.models import App, Rule
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class RulesCache:
             try:
                 entry = self._loader(app_id)
             except Exception as error:
-                db.session.rollback()
+                rollback_session()
                 if cached is None:
                     raise RulesUnavailable(app_id) from error
                 # The database is away. Nobody can change a key or a rule meanwhile, so the
