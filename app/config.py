@@ -43,7 +43,7 @@ class Config:
         instance = Path(env.get("INSTANCE_PATH") or PROJECT_ROOT / "instance")
         self.INSTANCE_PATH = str(instance)
         self.SQLALCHEMY_DATABASE_URI = _database_url(env, instance)
-        self.SQLALCHEMY_ENGINE_OPTIONS = {"pool_pre_ping": True}
+        self.SQLALCHEMY_ENGINE_OPTIONS = {"pool_pre_ping": False}  # see extensions.with_reconnect
         if self.SQLALCHEMY_DATABASE_URI.startswith("postgresql"):
             # A database that hangs must not hold request threads (rules cache misses).
             self.SQLALCHEMY_ENGINE_OPTIONS["connect_args"] = {"connect_timeout": 3}

@@ -9,7 +9,7 @@ from flask import current_app
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 
-from app.extensions import db, rollback_session
+from app.extensions import db, rollback_session, with_reconnect
 from app.models import Event, FailedEvent, new_id, utcnow
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ def is_transient(error: Exception) -> bool:
     if isinstance(error, DBAPIError) and error.connection_invalidated:
         return True
     dbapi = db.engine.dialect.loaded_dbapi
-    # The group insert runs on the driver's cursor, so its errors arrive unwrapped by SQLAlchemy.
     original = getattr(error, "orig", None) or error
     return isinstance(original, (dbapi.OperationalError, dbapi.InterfaceError))
 
@@ -67,12 +66,15 @@ ON CONFLICT (app_id, event_id) DO NOTHING"""
 
 
 def _insert_group(events: list[dict]) -> None:
-    cursor = db.session.connection().connection.dbapi_connection.cursor()
-    cursor.execute(INSERT_GROUP, (orjson.dumps(events).decode(),))
+    db.session.connection().exec_driver_sql(INSERT_GROUP, (orjson.dumps(events).decode(),))
 
 
 def insert_events(events: list[dict]) -> None:
     """Write events in one statement and one commit; a repeated (app, event_id) is skipped."""
+    with_reconnect(lambda: _write_events(events))
+
+
+def _write_events(events: list[dict]) -> None:
     try:
         if db.engine.dialect.name == "postgresql":
             _insert_group(events)
@@ -161,6 +163,10 @@ def record_failures(failures: list[tuple[dict, str]], attempts: int) -> None:
 
 def event_status(app_id: str, event_id: str) -> dict | None:
     """Where an accepted event stands: processed, failed, or None while still queued."""
+    return with_reconnect(lambda: _event_status(app_id, event_id))
+
+
+def _event_status(app_id: str, event_id: str) -> dict | None:
     stored = db.session.execute(
         sa.select(Event.processed_at).where(Event.app_id == app_id, Event.event_id == event_id)
     ).first()

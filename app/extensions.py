@@ -8,6 +8,7 @@ from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase
 
 
@@ -25,6 +26,22 @@ def rollback_session() -> None:
         db.session.rollback()
     except Exception:
         db.session.invalidate()
+
+
+def with_reconnect(work):
+    """Run `work()`; if the database had dropped the pooled connection, once more on a new one.
+
+    Pooled connections are not pinged before use (a round trip per task): a connection the
+    database closed (restart, idle timeout) is found out on first use instead, and the pool
+    then replaces every connection older than the failure.
+    """
+    try:
+        return work()
+    except DBAPIError as error:
+        rollback_session()
+        if not error.connection_invalidated:
+            raise
+    return work()
 # Storage from RATELIMIT_STORAGE_URI; app/limits.py holds the limits. A storage outage never
 # fails a request: decorated limits fall back to per-process memory (see app/limits.py).
 limiter = Limiter(

@@ -17,7 +17,7 @@ from referencing.exceptions import NoSuchResource, Unresolvable
 from referencing.jsonschema import DRAFT202012
 
 from app import metrics
-from app.extensions import db, rollback_session
+from app.extensions import db, rollback_session, with_reconnect
 from app.models import App, Rule
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ class RulesCache:
             self.misses += 1
             metrics.RULES_CACHE_MISS.inc()
             try:
-                entry = self._loader(app_id)
+                entry = with_reconnect(lambda: self._loader(app_id))
             except Exception as error:
                 rollback_session()
                 if cached is None:

@@ -75,6 +75,18 @@ def test_same_event_id_twice_in_one_list_is_stored_once(ctx, app_id):
     assert stored_ids(app_id) == ["dup", "other"]
 
 
+def test_a_pooled_connection_the_database_closed_is_replaced_without_losing_the_write(ctx, app_id):
+    # Connections are not pinged before use (a round trip per task): the first use finds out.
+    from app.extensions import db
+    events.insert_events([make_event(app_id, event_id="before")])
+    backend = db.session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
+    db.session.commit()  # the connection goes back to the pool
+    sql("SELECT pg_terminate_backend(%s)", backend)
+    events.insert_events([make_event(app_id, event_id="after")])
+    assert stored_ids(app_id) == ["after", "before"]
+    assert events.event_status(app_id, "after")["status"] == "processed"
+
+
 def test_same_event_id_in_two_apps_is_two_events(ctx, make_app):
     first, second = make_app()[0], make_app()[0]
     events.store_events([make_event(first, event_id="shared"), make_event(second, event_id="shared")])
