@@ -52,6 +52,7 @@ class RedisPendingStore:
     REDELIVERIES = "intake:pending:redeliveries"
 
     def __init__(self, url: str, redeliver_after: float):
+        self.url = url
         self.redeliver_after = redeliver_after
         self.redis = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self._claim = self.redis.register_script(CLAIM_DUE)
@@ -61,10 +62,13 @@ class RedisPendingStore:
     def _due_key(queue):
         return f"intake:pending:due:{queue}"
 
-    def put(self, queue: str, group_id: str, events: list, attempts: int = 0) -> None:
+    def put(self, queue: str, group_id: str, events: list, attempts: int = 0, message=()) -> None:
+        """Record a group; `message`: Redis commands publishing its broker message in the same transaction."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(self.BODIES, group_id, _record(events, attempts))
         pipe.zadd(self._due_key(queue), {group_id: time.time() + self.redeliver_after})
+        for command, args in message:
+            getattr(pipe, command)(*args)
         pipe.execute()
 
     def load(self, queue: str, group_id: str) -> dict | None:
