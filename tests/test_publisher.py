@@ -84,3 +84,43 @@ def test_each_process_and_thread_gets_a_working_channel(publisher):
     for thread in threads:
         thread.join()
     assert len(results) == 4 and all(commands[0][0] == "lpush" for commands in results)
+
+
+# --- group commit ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def slow_window(app):
+    """A publisher whose window is long enough for every submitted event to make one group."""
+    from app.publisher import Publisher
+
+    with app.app_context():
+        yield Publisher(app.extensions["celery"], app.extensions["intake.pending"], window_ms=300, max_events=500,
+                        timeout=5)
+
+
+def submit_all(publisher, count):
+    futures = [publisher.submit({"app_id": "a", "event_id": f"e-{i}"}) for i in range(count)]
+    outcomes = []
+    for future in futures:
+        try:
+            outcomes.append(publisher.wait(future))
+        except QueueUnavailable as error:
+            outcomes.append(error)
+    return outcomes
+
+
+def test_events_submitted_within_the_window_travel_in_one_message(slow_window, redis):
+    task_ids = submit_all(slow_window, 20)
+    assert len(set(task_ids)) == 1, "every waiting request learns the same message"
+    [message] = pushed(redis, "default")
+    assert message["headers"]["id"] == task_ids[0]
+    record = json.loads(redis.hget(BODIES, task_ids[0]))
+    assert [e["event_id"] for e in record["events"]] == [f"e-{i}" for i in range(20)]
+
+
+def test_a_failed_publish_fails_every_request_waiting_on_the_group(slow_window, redis, monkeypatch):
+    monkeypatch.setattr(slow_window.messages, "redis_commands", lambda *args: [("lpush", ("default",))])
+    outcomes = submit_all(slow_window, 20)
+    assert all(isinstance(outcome, QueueUnavailable) for outcome in outcomes)
+    assert redis.hlen(BODIES) == 0 and redis.llen("default") == 0
