@@ -1,4 +1,5 @@
 """Extensions, unbound: the factory binds them to an app."""
+import gc
 from pathlib import Path
 
 from celery import Celery, Task
@@ -72,6 +73,9 @@ def celery_init_app(app: Flask) -> Celery:
         # A forked pool child must not share the parent's database connections.
         with app.app_context():
             db.engine.dispose(close=False)
+        # What the child inherited is there for good: keep the collector's full passes off it
+        # (as gunicorn.conf.py does for web workers).
+        gc.freeze()
 
     celery_app.set_default()
     app.extensions["celery"] = celery_app
