@@ -26,7 +26,7 @@ test: install
 
 bench: install
 	command -v wrk >/dev/null 2>&1 || { apt-get update && apt-get install -y wrk; }
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py --repeat 3 --duration 8
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache
