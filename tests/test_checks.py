@@ -248,6 +248,11 @@ def test_depth_of_ten_is_accepted():
     checks.check_depth(nested(10, leaf={}), 11)
 
 
+def test_a_thousand_levels_stop_the_check_at_the_limit():
+    error = api_error(checks.check_depth, nested(1000), 10)  # no RecursionError: the walk stops at 10
+    assert error.code == "nesting_too_deep"
+
+
 def test_depth_of_eleven_is_422():
     error = api_error(checks.check_depth, nested(11), 10)
     assert (error.status, error.code) == (422, "nesting_too_deep")

@@ -127,21 +127,28 @@ def check_event_size(event, limit: int) -> None:
 
 def check_depth(event: dict, max_depth: int) -> None:
     """Refuse objects and arrays nested deeper than max_depth (the event itself is depth 1)."""
-    stack = [(event, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > max_depth:
-            raise ApiError(422, "nesting_too_deep", f"The event is nested more than {max_depth} levels deep.")
-        children = node.values() if isinstance(node, dict) else node
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    if max_depth < 1 or _nested_deeper(event, max_depth - 1):
+        raise ApiError(422, "nesting_too_deep", f"The event is nested more than {max_depth} levels deep.")
+
+
+def _nested_deeper(node, levels_left: int) -> bool:
+    # Recursion stops after max_depth levels, whatever the input's depth.
+    for child in node.values() if isinstance(node, dict) else node:
+        if isinstance(child, (dict, list)) and (levels_left <= 0 or _nested_deeper(child, levels_left - 1)):
+            return True
+    return False
 
 
 def _detail(field, message):
     return {"path": f"/{field}", "message": message, "rule": "reserved_fields"}
 
 
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+MICROSECOND = timedelta(microseconds=1)
+
+
 def _epoch_us(moment: datetime) -> int:
-    return (moment - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
+    return (moment - EPOCH) // MICROSECOND
 
 
 def parse_timestamp(value, now: datetime) -> datetime:
