@@ -81,9 +81,12 @@ class Publisher:
     def __init__(self, celery_app, pending, *, window_ms: float, max_events: int, timeout: float):
         self.celery = celery_app
         self.pending = pending
-        # The record and its message go in one transaction when the pending store is the broker's Redis.
+        # The record and its message go in one transaction when the pending store is the broker's
+        # Redis. kombu applies a global key prefix in its client, not in the commands it hands
+        # back, so with one set the message goes through send_task.
         same_redis = isinstance(pending, RedisPendingStore) and celery_app.conf.broker_url == pending.url
-        self.messages = TaskMessages(celery_app) if same_redis else None
+        prefixed = (celery_app.conf.broker_transport_options or {}).get("global_keyprefix")
+        self.messages = TaskMessages(celery_app) if same_redis and not prefixed else None
         self.window = window_ms / 1000
         self.max_events = max_events
         self.timeout = timeout

@@ -33,6 +33,17 @@ def test_the_pending_store_shares_the_brokers_redis_so_one_transaction_publishes
     assert publisher.messages is not None
 
 
+def test_a_broker_of_its_own_or_a_key_prefix_publishes_through_send_task(app, test_environment, monkeypatch):
+    from app.publisher import Publisher
+
+    celery, pending = app.extensions["celery"], app.extensions["intake.pending"]
+    monkeypatch.setitem(celery.conf, "broker_url", test_environment["REDIS_URL"] + "?other")
+    assert Publisher(celery, pending, window_ms=2, max_events=10, timeout=1).messages is None
+    monkeypatch.setitem(celery.conf, "broker_url", pending.url)
+    monkeypatch.setitem(celery.conf, "broker_transport_options", {"global_keyprefix": "x:"})
+    assert Publisher(celery, pending, window_ms=2, max_events=10, timeout=1).messages is None
+
+
 @pytest.mark.parametrize("queue", ["default", "batch_processing"])
 def test_the_message_is_the_one_send_task_would_publish(app, publisher, redis, queue):
     publisher.celery.send_task(
