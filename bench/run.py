@@ -448,11 +448,14 @@ class Bench:
                    "GUNICORN_THREADS": str(self.args.web_threads)}
         web = self.start(Process("gunicorn", [sys.executable, "-m", "gunicorn", "run:app", "-c", "gunicorn.conf.py"],
                                  web_env, self.tmp))
-        worker_env = {**self.env, "CELERY_CONCURRENCY": str(self.args.worker_concurrency)}
+        worker_env = dict(self.env)
+        worker_env.pop("CELERY_CONCURRENCY", None)
+        if self.args.worker_concurrency:  # else the start script's own defaults, as deployed
+            worker_env["CELERY_CONCURRENCY"] = str(self.args.worker_concurrency)
         if self.args.shared_worker:
             args = [sys.executable, "-m", "celery", "-A", "run:celery", "worker", "--queues",
                     "default,batch_processing", "--hostname", f"bench-{RUN_ID}@%h",
-                    "--concurrency", str(self.args.worker_concurrency), "--loglevel", self.args.log_level]
+                    "--concurrency", str(self.args.worker_concurrency or 2), "--loglevel", self.args.log_level]
             workers, expected_ready = self.start(Process("worker", args, worker_env, self.tmp)), 1
         else:
             # The project's own start script: one prefork worker per queue, as the Procfile runs them.
@@ -481,7 +484,7 @@ class Bench:
         self.sampler = MemorySampler({web.pid: "web", workers.pid: "worker", beat.pid: "beat"})
         self.sampler.start()
         log(f"stack up: gunicorn {self.args.web_workers}x{self.args.web_threads} on {self.base_url}, "
-            f"workers ({'shared' if self.args.shared_worker else 'per queue'}, -c{self.args.worker_concurrency}), beat")
+            f"workers ({'shared' if self.args.shared_worker else 'per queue'}, {processes(self.args)}), beat")
 
     def start(self, process):
         self.processes.append(process)
@@ -884,6 +887,13 @@ class Bench:
         }
 
 
+def processes(args) -> str:
+    """The pool processes of the bench's workers, for the log and the JSON."""
+    if args.worker_concurrency:
+        return f"-c{args.worker_concurrency}"
+    return "-c2" if args.shared_worker else "default -c2, batch_processing -c4"
+
+
 def ratios(figures):
     health = figures["health"]["requests_per_s"]
     copy = figures["copy"]["rows_per_s"]
@@ -975,7 +985,9 @@ def parse_args(argv=None):
     parser.add_argument("--poll-interval", type=float, default=0.05, help="seconds between drain checks")
     parser.add_argument("--web-workers", type=int, default=2, help="gunicorn workers (WEB_CONCURRENCY)")
     parser.add_argument("--web-threads", type=int, default=8, help="gunicorn threads per worker (as deployed: 8)")
-    parser.add_argument("--worker-concurrency", type=int, default=2, help="Celery prefork concurrency")
+    parser.add_argument("--worker-concurrency", type=int, default=0,
+                        help="Celery prefork concurrency of every worker (0: start_celery_worker.sh's defaults, "
+                             "as deployed: 2, and 4 for batch_processing)")
     parser.add_argument("--shared-worker", action="store_true",
                         help="one Celery worker for both queues instead of one per queue (start_celery_worker.sh)")
     parser.add_argument("--log-level", default="INFO", help="Celery workers' log level (as deployed: INFO)")
@@ -1049,7 +1061,7 @@ def main(argv=None):
         "config": {"duration_s": args.duration, "connections": args.connections, "wrk_threads": args.threads,
                    "repeat": args.repeat, "batch_size": args.batch_size, "warmup_s": args.warmup,
                    "gunicorn": f"gthread {args.web_workers} workers x {args.web_threads} threads",
-                   "celery": f"prefork -c{args.worker_concurrency}, "
+                   "celery": f"prefork {processes(args)}, "
                              f"{'one worker for both queues' if args.shared_worker else 'one worker per queue'}",
                    "worker_log_level": args.log_level},
         "health_rps": summary["health"]["requests_per_s"],
