@@ -43,6 +43,8 @@ def with_reconnect(work):
         if not error.connection_invalidated:
             raise
     return work()
+
+
 # Storage from RATELIMIT_STORAGE_URI; app/limits.py holds the limits. A storage outage never
 # fails a request: decorated limits fall back to per-process memory (see app/limits.py).
 limiter = Limiter(
