@@ -1,9 +1,10 @@
 """Hands accepted events to the broker: many events to one message.
 
-Single events arriving at one API process within a short window (group commit) travel
-together to `default`; a batch request travels alone to `batch_processing`. Either way
-the caller learns the outcome only after the broker has accepted the message, so a 202
-always means "durably queued" and a broker failure reaches every waiting request.
+Requests arriving at one API process within a short window (group commit) have their
+events travel together in one message: single events to `default`, batch requests to
+`batch_processing`. Either way the caller learns the outcome only after the broker has
+accepted the message, so a 202 always means "durably queued" and a broker failure
+reaches every waiting request.
 """
 import logging
 import os
@@ -11,7 +12,7 @@ import queue
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from flask import current_app
@@ -90,8 +91,7 @@ class Publisher:
         self.window = window_ms / 1000
         self.max_events = max_events
         self.timeout = timeout
-        self._waiting: queue.SimpleQueue = queue.SimpleQueue()
-        self._batches: ThreadPoolExecutor | None = None
+        self._waiting: dict[str, queue.SimpleQueue] = {}
         self._thread_pid = None
         self._start_lock = threading.Lock()
 
@@ -151,17 +151,16 @@ class Publisher:
 
     def submit(self, event: dict) -> Future:
         """Queue one event for the next group to `default`; the future yields its task id."""
-        self._ensure_threads()
-        future: Future = Future()
-        self._waiting.put((event, future, logs.current_request_id()))
-        return future
+        return self._enqueue("default", [event])
 
     def submit_batch(self, events: list[dict]) -> Future:
-        """Publish a batch request's events as one message to `batch_processing`, off the request thread."""
+        """Queue a batch request's events for the next group to `batch_processing`."""
+        return self._enqueue("batch_processing", events)
+
+    def _enqueue(self, queue_name: str, events: list[dict]) -> Future:
         self._ensure_threads()
         future: Future = Future()
-        request_ids = [i for i in [logs.current_request_id()] if i]
-        self._batches.submit(self._publish_for, [future], "batch_processing", events, request_ids)
+        self._waiting[queue_name].put((events, future, logs.current_request_id()))
         return future
 
     def wait(self, future: Future) -> str:
@@ -183,32 +182,39 @@ class Publisher:
         if self._thread_pid != os.getpid():
             with self._start_lock:
                 if self._thread_pid != os.getpid():
-                    self._waiting = queue.SimpleQueue()
-                    self._batches = ThreadPoolExecutor(max_workers=8, thread_name_prefix="intake-batch-publish")
-                    threading.Thread(target=self._run, name="intake-publisher", daemon=True).start()
+                    self._waiting = {name: queue.SimpleQueue() for name in TASK_FOR_QUEUE}
+                    for name in TASK_FOR_QUEUE:
+                        threading.Thread(target=self._run, args=(name,), name=f"intake-publisher-{name}",
+                                         daemon=True).start()
                     self._thread_pid = os.getpid()
 
-    def _next_group(self):
-        group = [self._waiting.get()]
+    def _next_group(self, waiting: queue.SimpleQueue, carried):
+        """The requests of the next window, at most max_events events (a larger request goes alone)."""
+        group = [carried or waiting.get()]
+        size = len(group[0][0])
         deadline = time.monotonic() + self.window
-        while len(group) < self.max_events:
+        while size < self.max_events:
             remaining = deadline - time.monotonic()
             try:
-                group.append(self._waiting.get(timeout=remaining) if remaining > 0 else self._waiting.get_nowait())
+                item = waiting.get(timeout=remaining) if remaining > 0 else waiting.get_nowait()
             except queue.Empty:
                 break
-        return group
+            if size + len(item[0]) > self.max_events:
+                return group, item  # opens the next group
+            group.append(item)
+            size += len(item[0])
+        return group, None
 
-    def _run(self):
+    def _run(self, queue_name: str):
+        waiting, carried = self._waiting[queue_name], None
         while True:
-            group = [item for item in self._next_group() if item[1].set_running_or_notify_cancel()]
+            group, carried = self._next_group(waiting, carried)
+            group = [item for item in group if item[1].set_running_or_notify_cancel()]
             if group:
-                self._publish_for([f for _, f, _ in group], "default", [e for e, _, _ in group],
+                self._publish_for([f for _, f, _ in group], queue_name, [e for events, _, _ in group for e in events],
                                   [r for _, _, r in group if r])
 
     def _publish_for(self, futures: list[Future], queue_name: str, events: list[dict], request_ids: list[str]):
-        if queue_name == "batch_processing" and not futures[0].set_running_or_notify_cancel():
-            return  # its caller gave up before we started
         try:
             task_id = self.publish(queue_name, events, request_ids)
         except Exception as error:

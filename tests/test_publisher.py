@@ -135,3 +135,29 @@ def test_a_failed_publish_fails_every_request_waiting_on_the_group(slow_window, 
     outcomes = submit_all(slow_window, 20)
     assert all(isinstance(outcome, QueueUnavailable) for outcome in outcomes)
     assert redis.hlen(BODIES) == 0 and redis.llen("default") == 0
+
+
+def test_batch_requests_within_the_window_share_a_message_up_to_the_event_cap(app, redis):
+    from app.publisher import Publisher
+
+    with app.app_context():
+        publisher = Publisher(app.extensions["celery"], app.extensions["intake.pending"], window_ms=300,
+                              max_events=250, timeout=5)
+        batches = [[{"app_id": "a", "event_id": f"b{b}-{i}"} for i in range(100)] for b in range(4)]
+        futures = [publisher.submit_batch(batch) for batch in batches]
+        task_ids = [publisher.wait(future) for future in futures]
+    # 100 + 100 fit under the cap of 250; the third would pass it and opens the next group.
+    assert task_ids[0] == task_ids[1] != task_ids[2] == task_ids[3]
+    assert len(pushed(redis, "batch_processing")) == 2
+    first = json.loads(redis.hget(BODIES, task_ids[0]))["events"]
+    assert [e["event_id"] for e in first] == [e["event_id"] for e in batches[0] + batches[1]]
+
+
+def test_a_batch_larger_than_the_cap_travels_alone(app, redis):
+    from app.publisher import Publisher
+
+    with app.app_context():
+        publisher = Publisher(app.extensions["celery"], app.extensions["intake.pending"], window_ms=50,
+                              max_events=10, timeout=5)
+        task_id = publisher.wait(publisher.submit_batch([{"app_id": "a", "event_id": str(i)} for i in range(30)]))
+    assert len(json.loads(redis.hget(BODIES, task_id))["events"]) == 30
