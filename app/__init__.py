@@ -2,7 +2,7 @@
 from flask import Flask
 
 from app.config import PROJECT_ROOT, Config
-from app.extensions import celery_init_app, db, migrate
+from app.extensions import api, celery_init_app, db, jwt, migrate
 from app.pending import pending_store_from_config
 from app.publisher import Publisher
 from app.rules import RulesCache
@@ -18,6 +18,8 @@ def create_app(config: dict | None = None) -> Flask:
 
     db.init_app(app)
     migrate.init_app(app, db, directory=str(PROJECT_ROOT / "migrations"))
+    jwt.init_app(app)
+    api.init_app(app)  # before our error handlers, which replace its HTTPException handler
     celery = celery_init_app(app)
     pending = pending_store_from_config(app.config)
     app.extensions["intake.pending"] = pending

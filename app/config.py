@@ -1,5 +1,6 @@
 """Settings read once from the environment."""
 import os
+from datetime import timedelta
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -80,3 +81,15 @@ class Config:
         self.PERSIST_MAX_RETRIES = _int(env, "PERSIST_MAX_RETRIES", 5)
         self.PERSIST_RETRY_BACKOFF = float(env.get("PERSIST_RETRY_BACKOFF") or 2)
         self.PERSIST_RETRY_BACKOFF_MAX = 600.0
+
+        # Accounts: access tokens are short-lived, refresh tokens long-lived; `sub` is the user id.
+        self.JWT_ACCESS_TOKEN_EXPIRES = timedelta(seconds=_int(env, "JWT_ACCESS_TOKEN_SECONDS", 900))
+        self.JWT_REFRESH_TOKEN_EXPIRES = timedelta(seconds=_int(env, "JWT_REFRESH_TOKEN_SECONDS", 30 * 86400))
+        self.JWT_TOKEN_LOCATION = ["headers"]
+
+        # OpenAPI document and docs page (flask-smorest).
+        self.API_TITLE = "Intake"
+        self.API_VERSION = "1"
+        self.OPENAPI_VERSION = "3.0.3"
+        self.OPENAPI_URL_PREFIX = "/api"
+        self.OPENAPI_JSON_PATH = "openapi.json"

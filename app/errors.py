@@ -52,6 +52,23 @@ def error_response(status, code, message, details=None, headers=None):
     return response
 
 
+def schema_details(messages, path="") -> list[dict]:
+    """marshmallow's nested error messages as `details`: one entry per field, JSON pointer paths.
+
+    webargs keys them by location first ({"json": {"email": ["Not a valid email."]}}): the
+    location is not part of the pointer.
+    """
+    details = []
+    for key, value in messages.items():
+        here = path if key in ("json", "query", "view_args", "form", "headers") and not path else f"{path}/{key}"
+        if isinstance(value, dict):
+            details.extend(schema_details(value, here))
+        else:
+            for message in value if isinstance(value, list) else [value]:
+                details.append({"path": here or "/", "message": str(message), "rule": "schema"})
+    return details
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def handle_api_error(error):
@@ -63,6 +80,11 @@ def register_error_handlers(app: Flask) -> None:
         headers = {}
         if status == 405 and error.valid_methods:
             headers["Allow"] = ", ".join(error.valid_methods)
+        messages = (getattr(error, "data", None) or {}).get("messages")
+        if messages:
+            # A request that failed its flask-smorest (marshmallow) schema: one detail per field.
+            return error_response(status, "invalid_request", "The request does not match its schema; see details.",
+                                  schema_details(messages), headers=headers)
         return error_response(status, HTTP_CODES.get(status, "http_error"), error.description, headers=headers)
 
     @app.errorhandler(OperationalError)

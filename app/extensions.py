@@ -5,9 +5,11 @@ from pathlib import Path
 from celery import Celery, Task
 from celery.signals import worker_process_init
 from flask import Flask, has_app_context
+from flask_jwt_extended import JWTManager
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
 from flask_migrate import Migrate
+from flask_smorest import Api
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase
@@ -19,6 +21,9 @@ class Base(DeclarativeBase):
 
 db = SQLAlchemy(model_class=Base)
 migrate = Migrate()
+jwt = JWTManager()
+# The JSON API's OpenAPI document (/api/openapi.json) and its docs page (/api/docs).
+api = Api()
 
 
 def rollback_session() -> None:

@@ -283,3 +283,22 @@ def wait_until(predicate, timeout=30, interval=0.2, message="condition"):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+@pytest.fixture
+def make_user(app):
+    """Create a verified user; returns (user_id, headers with a Bearer access token for them)."""
+    from flask_jwt_extended import create_access_token
+
+    from app.extensions import db
+    from app.models import User, utcnow
+
+    def make(email=None, password_hash="x"):
+        with app.app_context():
+            user = User(email=email or f"{uuid.uuid4().hex[:8]}@example.com", password_hash=password_hash,
+                        email_verified_at=utcnow())
+            db.session.add(user)
+            db.session.commit()
+            return user.id, {"Authorization": f"Bearer {create_access_token(identity=user.id)}"}
+
+    return make
