@@ -80,3 +80,8 @@ class Config:
         self.PERSIST_MAX_RETRIES = _int(env, "PERSIST_MAX_RETRIES", 5)
         self.PERSIST_RETRY_BACKOFF = float(env.get("PERSIST_RETRY_BACKOFF") or 2)
         self.PERSIST_RETRY_BACKOFF_MAX = 600.0
+
+        # App deletion: rows removed per transaction, and how long the app row (the mark)
+        # stays after its data is gone, while late-stored events of the app are swept again.
+        self.DELETE_CHUNK_ROWS = _int(env, "DELETE_CHUNK_ROWS", 5000)
+        self.DELETE_SETTLE_SECONDS = float(env.get("DELETE_SETTLE_SECONDS") or 3600)
