@@ -83,7 +83,7 @@ def _failed_events_page(app_id, limit, position) -> dict:
 
 
 def _page_limit(limit) -> int:
-    if isinstance(limit, str) and limit.strip().isdigit():
+    if isinstance(limit, str) and limit.strip().isascii() and limit.strip().isdigit():
         limit = int(limit)
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
         raise ApiError(400, "invalid_limit", f"limit must be an integer from 1 to {MAX_PAGE}.")

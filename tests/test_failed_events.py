@@ -141,7 +141,7 @@ def test_a_bad_cursor_is_a_400(ctx, app_id, cursor):
     assert (raised.value.status, raised.value.code) == (400, "invalid_cursor")
 
 
-@pytest.mark.parametrize("limit", [0, -1, 1001, "abc", "", True, 2.5, None, "10000"])
+@pytest.mark.parametrize("limit", [0, -1, 1001, "abc", "", True, 2.5, None, "10000", "²", "５", "-3"])
 def test_a_bad_limit_is_a_400(ctx, app_id, limit):
     with pytest.raises(ApiError) as raised:
         lifecycle.failed_events_page(app_id, limit=limit)
