@@ -13,6 +13,9 @@ task_routes = {
     "intake.persist_batch": {"queue": "batch_processing"},
     "intake.redeliver_pending": {"queue": "batch_processing"},
     "intake.send_email": {"queue": "emails"},
+    "intake.replay_failed_events": {"queue": "batch_processing"},
+    "intake.delete_app_data": {"queue": "batch_processing"},
+    "intake.resume_app_deletions": {"queue": "batch_processing"},
 }
 
 task_serializer = "json"
@@ -61,5 +64,11 @@ beat_schedule = {
         "task": "intake.redeliver_pending",
         "schedule": 5.0,
         "options": {"expires": 30},
+    },
+    # App deletions a killed worker left unfinished, and the settle sweeps (app/lifecycle.py).
+    "resume-app-deletions": {
+        "task": "intake.resume_app_deletions",
+        "schedule": 60.0,
+        "options": {"expires": 55},
     },
 }

@@ -93,3 +93,7 @@ class Config:
         self.OPENAPI_VERSION = "3.0.3"
         self.OPENAPI_URL_PREFIX = "/api"
         self.OPENAPI_JSON_PATH = "openapi.json"
+        # App deletion: rows removed per transaction, and how long the app row (the mark)
+        # stays after its data is gone, while late-stored events of the app are swept again.
+        self.DELETE_CHUNK_ROWS = _int(env, "DELETE_CHUNK_ROWS", 5000)
+        self.DELETE_SETTLE_SECONDS = float(env.get("DELETE_SETTLE_SECONDS") or 3600)

@@ -3,8 +3,9 @@ import smtplib
 
 from celery import shared_task
 from flask import current_app
+from sqlalchemy.exc import InterfaceError, OperationalError
 
-from app import events, mail
+from app import events, lifecycle, mail
 
 
 @shared_task(name="intake.persist_events")
@@ -36,3 +37,34 @@ def redeliver_pending() -> int:
 def send_email(to: str, subject: str, text: str, html: str | None = None) -> None:
     """Send one mail (queue `emails`)."""
     mail.send_message(mail.build_message(to, subject, text, html))
+
+
+# Database outages are waited out (the failed_events rows and the deletion mark are the
+# durable record of the work); the retries only save waiting for the next request or sweep.
+DATABASE_AWAY = (OperationalError, InterfaceError)
+
+
+@shared_task(name=lifecycle.REPLAY_TASK, autoretry_for=DATABASE_AWAY, retry_backoff=5, retry_backoff_max=600,
+             retry_jitter=True, max_retries=8)
+def replay_failed_events(app_id: str, ids: list[str] | None = None, after_id: str = "") -> dict:
+    """Replay an app's failed events through the normal persistence path (queue `batch_processing`)."""
+    result = lifecycle.replay(app_id, ids, after_id)
+    if result["after_id"]:
+        lifecycle.continue_replay(app_id, ids, result["after_id"])
+    return result
+
+
+@shared_task(name=lifecycle.DELETE_TASK, autoretry_for=DATABASE_AWAY, retry_backoff=5, retry_backoff_max=600,
+             retry_jitter=True, max_retries=8)
+def delete_app_data(app_id: str) -> dict:
+    """Remove a deleted app's data in bounded chunks (queue `batch_processing`)."""
+    result = lifecycle.delete_app_data(app_id)
+    if result["more"]:
+        lifecycle.continue_app_deletion(app_id)
+    return result
+
+
+@shared_task(name="intake.resume_app_deletions")
+def resume_app_deletions() -> int:
+    """Queue the deletion of every app still marked deleted (beat; resumes interrupted deletions)."""
+    return lifecycle.resume_app_deletions()
