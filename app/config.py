@@ -93,3 +93,6 @@ class Config:
         self.OPENAPI_VERSION = "3.0.3"
         self.OPENAPI_URL_PREFIX = "/api"
         self.OPENAPI_JSON_PATH = "openapi.json"
+        # The docs page's Swagger UI assets are vendored in app/static/swagger-ui (app/openapi.py serves them).
+        self.OPENAPI_SWAGGER_UI_PATH = "docs"
+        self.OPENAPI_SWAGGER_UI_URL = "/api/docs/assets/"
