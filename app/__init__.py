@@ -33,11 +33,14 @@ def create_app(config: dict | None = None) -> Flask:
     )
 
     from app import cli, errors, limits, logs, metrics, tasks  # noqa: F401  (tasks register themselves with Celery)
+    from app import accounts, openapi
     from app.ingest.views import bp as ingest_bp
     from app.ops import bp as ops_bp
 
     app.register_blueprint(ops_bp)
     app.register_blueprint(ingest_bp)
+    openapi.init_app(app)
+    accounts.init_app(app)
     errors.register_error_handlers(app)
     cli.register_commands(app)
     logs.init_app(app)

@@ -5,8 +5,8 @@ import secrets
 import click
 from flask import Flask
 from flask.cli import AppGroup
-from werkzeug.security import generate_password_hash
 
+from app.accounts.passwords import hash_password
 from app.extensions import db
 from app.models import App, Rule, User, utcnow
 from app.rules import InvalidRuleSchema, check_rule_schema, hash_api_key
@@ -60,7 +60,7 @@ def create_user(email, password, verified):
         raise click.ClickException("the password needs at least 8 characters")
     if db.session.scalar(db.select(User).where(User.email == email.lower())):
         raise click.ClickException(f"a user with e-mail {email} exists already")
-    user = User(email=email.lower(), password_hash=generate_password_hash(password),
+    user = User(email=email.lower(), password_hash=hash_password(password),
                 email_verified_at=utcnow() if verified else None)
     db.session.add(user)
     db.session.commit()

@@ -97,3 +97,6 @@ class Config:
         # stays after its data is gone, while late-stored events of the app are swept again.
         self.DELETE_CHUNK_ROWS = _int(env, "DELETE_CHUNK_ROWS", 5000)
         self.DELETE_SETTLE_SECONDS = float(env.get("DELETE_SETTLE_SECONDS") or 3600)
+        # The docs page's Swagger UI assets are vendored in app/static/swagger-ui (app/openapi.py serves them).
+        self.OPENAPI_SWAGGER_UI_PATH = "docs"
+        self.OPENAPI_SWAGGER_UI_URL = "/api/docs/assets/"

@@ -15,6 +15,7 @@ import math
 import time
 
 from flask import Flask, current_app, request
+from flask_jwt_extended import get_jwt_identity
 from limits import RateLimitItem, parse
 from limits.strategies import SlidingWindowCounterRateLimiter
 from redis.backoff import NoBackoff
@@ -118,7 +119,13 @@ def client_address() -> str:
 
 
 def account_key() -> str:
-    """Whom an account request is about: a hash of the body's email, else the client address."""
+    """Whom an account request is about: a hash of the body's email, the token's user, else the client address."""
+    try:
+        user_id = get_jwt_identity()  # routes that take a token check it before their limits
+    except RuntimeError:  # no verified token in this request
+        user_id = None
+    if user_id:
+        return "user:" + str(user_id)
     body = request.get_json(silent=True)
     email = body.get("email") if isinstance(body, dict) else None
     if isinstance(email, str) and email.strip():

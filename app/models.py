@@ -105,3 +105,29 @@ class FailedEvent(db.Model):
     attempts: Mapped[int] = mapped_column(sa.Integer)
     first_failed_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
     last_failed_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+
+
+class AccountCode(db.Model):
+    """A one-time code mailed to a user: email verification or password reset."""
+
+    __tablename__ = "account_codes"
+    __table_args__ = (sa.Index("ix_account_codes_user_purpose", "user_id", "purpose", sa.text("created_at DESC")),)
+
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"))
+    purpose: Mapped[str] = mapped_column(sa.String(16))  # "verify_email" or "reset_password"
+    # HMAC-SHA256 of the code under SECRET_KEY: a leaked table does not give the codes away.
+    code_hash: Mapped[str] = mapped_column(sa.String(64))
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    expires_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+    used_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+
+
+class RevokedToken(db.Model):
+    """A revoked JWT on the embedded default (with REDIS_URL the blocklist lives in Redis)."""
+
+    __tablename__ = "revoked_tokens"
+
+    jti: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), index=True)
