@@ -35,9 +35,14 @@ def create_app(config: dict | None = None) -> Flask:
     from app import cli, errors, limits, logs, metrics, tasks  # noqa: F401  (tasks register themselves with Celery)
     from app.ingest.views import bp as ingest_bp
     from app.ops import bp as ops_bp
+    from app import invalidation
+    from app.manage.views import BLUEPRINTS as manage_blueprints
 
     app.register_blueprint(ops_bp)
     app.register_blueprint(ingest_bp)
+    for blueprint in manage_blueprints:
+        api.register_blueprint(blueprint)
+    invalidation.init_app(app)
     errors.register_error_handlers(app)
     cli.register_commands(app)
     logs.init_app(app)

@@ -105,3 +105,10 @@ class FailedEvent(db.Model):
     attempts: Mapped[int] = mapped_column(sa.Integer)
     first_failed_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
     last_failed_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), default=utcnow)
+
+
+# Event listings (app/manage/event_queries.py): the app and one equality filter, then newest first.
+# Declared here, after the class, so that they stay additive to whatever shape `events` takes.
+sa.Index("ix_events_app_level_timestamp", Event.app_id, Event.level, Event.timestamp.desc(), Event.id.desc())
+sa.Index("ix_events_app_user_timestamp", Event.app_id, Event.user_id, Event.timestamp.desc(), Event.id.desc(),
+         postgresql_where=Event.user_id.isnot(None), sqlite_where=Event.user_id.isnot(None))
