@@ -19,6 +19,7 @@ MICROSECOND = timedelta(microseconds=1)
 # The cursor is opaque to clients: a version byte, the last row's timestamp (epoch microseconds) and id.
 CURSOR = struct.Struct(">Bqq")
 CURSOR_VERSION = 1
+CURSOR_LENGTH = 23  # base64 of the 17 bytes, unpadded
 MIN_US = (datetime(1, 1, 2, tzinfo=timezone.utc) - EPOCH) // MICROSECOND
 MAX_US = (datetime(9999, 12, 30, tzinfo=timezone.utc) - EPOCH) // MICROSECOND
 
@@ -38,6 +39,8 @@ def encode_cursor(timestamp: datetime, row_id: int) -> str:
 def decode_cursor(cursor: str) -> tuple[datetime, int]:
     """The (timestamp, id) a page continues below; 400 `invalid_cursor` for anything we did not make."""
     try:
+        if len(cursor) > CURSOR_LENGTH:
+            raise ValueError(cursor)
         version, micros, row_id = CURSOR.unpack(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
     except (binascii.Error, struct.error, ValueError):
         version, micros, row_id = None, 0, 0

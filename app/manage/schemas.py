@@ -174,12 +174,13 @@ class RuleList(Schema):
 
 class EventQuery(Schema):
     event_name = Text(validate=NAME)
-    level = Level()
+    level = Level(metadata={"enum": ["debug", "info", "warning", "error", "critical"],
+                            "description": "Any case; warn and fatal are read as warning and critical."})
     user_id = Text(validate=NAME)
     since = UtcDateTime(metadata={"description": "Events at or after this time (ISO 8601; no offset = UTC)."})
     until = UtcDateTime(metadata={"description": "Events before this time."})
     limit = fields.Integer(load_default=100, validate=validate.Range(1, 1000))
-    cursor = Text(validate=validate.Length(max=200), metadata={"description": "next_cursor of the previous page."})
+    cursor = fields.String(metadata={"description": "next_cursor of the previous page (opaque)."})
 
     @validates_schema
     def since_before_until(self, data, **kwargs):
