@@ -36,11 +36,16 @@ def create_app(config: dict | None = None) -> Flask:
     from app import accounts, openapi
     from app.ingest.views import bp as ingest_bp
     from app.ops import bp as ops_bp
+    from app import invalidation
+    from app.manage.views import BLUEPRINTS as manage_blueprints
 
     app.register_blueprint(ops_bp)
     app.register_blueprint(ingest_bp)
     openapi.init_app(app)
     accounts.init_app(app)
+    for blueprint in manage_blueprints:
+        api.register_blueprint(blueprint)
+    invalidation.init_app(app)
     errors.register_error_handlers(app)
     cli.register_commands(app)
     logs.init_app(app)

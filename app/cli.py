@@ -1,53 +1,39 @@
 """Operator commands: `flask --app run users|apps|rules …`."""
+import functools
 import json
-import secrets
 
 import click
 from flask import Flask
 from flask.cli import AppGroup
 
 from app.accounts.passwords import hash_password
+from app.errors import ApiError
 from app.extensions import db
-from app.models import App, Rule, User, utcnow
-from app.rules import InvalidRuleSchema, check_rule_schema, hash_api_key
+from app.manage import app_rules, apps
+from app.manage.apps import create_app_with_key, new_api_key  # noqa: F401  (tests/conftest.py and older callers)
+from app.manage.schemas import AppList, RuleList, RuleOut
+from app.models import User, utcnow
 
 users_cli = AppGroup("users", help="Manage users.")
 apps_cli = AppGroup("apps", help="Manage apps.")
 rules_cli = AppGroup("rules", help="Manage validation rules.")
 
 
-def new_api_key() -> str:
-    return "ik_" + secrets.token_urlsafe(32)
+def _domain_errors(command):
+    """Show a domain error (ApiError) as click's one-line error, exit status 1, no traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except ApiError as error:
+            raise click.ClickException(error.message) from None
+
+    return wrapper
 
 
-def create_app_with_key(owner: User, name: str, retention_days: int = 30) -> tuple[App, str]:
-    """Add an app for `owner`; return it with its key, which is stored only hashed."""
-    key = new_api_key()
-    app = App(owner_id=owner.id, name=name, api_key_hash=hash_api_key(key), retention_days=retention_days)
-    db.session.add(app)
-    return app, key
-
-
-def validate_rule(body: dict) -> dict:
-    """Check a rule body as the rules API takes it; return the fields to store."""
-    if not isinstance(body, dict):
-        raise click.ClickException("a rule is a JSON object")
-    name, action = body.get("name"), body.get("action")
-    if not isinstance(name, str) or not 1 <= len(name) <= 255:
-        raise click.ClickException("rule 'name' must be a string of 1 to 255 characters")
-    if action not in ("reject", "warn"):
-        raise click.ClickException("rule 'action' must be 'reject' or 'warn'")
-    event_name = body.get("event_name")
-    if event_name is not None and (not isinstance(event_name, str) or not 1 <= len(event_name) <= 255):
-        raise click.ClickException("rule 'event_name' must be a string of 1 to 255 characters, or null")
-    try:
-        check_rule_schema(body.get("schema"))
-    except InvalidRuleSchema as error:
-        raise click.ClickException(str(error)) from None
-    enabled = body.get("enabled", True)
-    if not isinstance(enabled, bool):
-        raise click.ClickException("rule 'enabled' must be true or false")
-    return {"name": name, "event_name": event_name, "schema": body["schema"], "action": action, "enabled": enabled}
+def _echo(document: dict) -> None:
+    click.echo(json.dumps(document))
 
 
 @users_cli.command("create")
@@ -71,31 +57,60 @@ def create_user(email, password, verified):
 @click.argument("name")
 @click.option("--owner", required=True, help="E-mail of the owning user.")
 @click.option("--retention-days", default=30, type=click.IntRange(1, 3650))
+@_domain_errors
 def create_app_command(name, owner, retention_days):
     """Create an app and print its id and key (the key is shown only this once)."""
-    user = db.session.scalar(db.select(User).where(User.email == owner.lower()))
-    if user is None:
-        raise click.ClickException(f"no user with e-mail {owner}")
-    app, key = create_app_with_key(user, name, retention_days)
-    db.session.commit()
-    click.echo(json.dumps({"app_id": app.id, "api_key": key}))
+    app, key = apps.add_app(apps.user_by_email(owner), name, retention_days)
+    _echo({"app_id": app.id, "api_key": key})
+
+
+@apps_cli.command("list")
+@click.option("--owner", help="Only the apps of the user with this e-mail.")
+@_domain_errors
+def list_apps_command(owner):
+    """List active apps (GET /api/apps), everybody's or one owner's."""
+    owner_id = apps.user_by_email(owner).id if owner else None
+    _echo(AppList().dump({"apps": apps.list_apps(owner_id)}))
+
+
+@apps_cli.command("rotate-key")
+@click.argument("app_id")
+@_domain_errors
+def rotate_key_command(app_id):
+    """Give an app a new key and print it (shown only this once); the old key stops working."""
+    app = apps.active_app(app_id)
+    _echo({"app_id": app.id, "api_key": apps.rotate_key(app)})
 
 
 @rules_cli.command("add")
 @click.argument("app_id")
 @click.option("--file", "rule_file", required=True, type=click.File("r"), help="The rule as JSON.")
+@_domain_errors
 def add_rule(app_id, rule_file):
-    """Add a validation rule to an app."""
-    if db.session.get(App, app_id) is None:
-        raise click.ClickException(f"no app with id {app_id}")
+    """Add a validation rule to an app (the body of POST /api/apps/<app_id>/rules)."""
+    app = apps.active_app(app_id)
     try:
         body = json.load(rule_file)
     except json.JSONDecodeError as error:
         raise click.ClickException(f"the rule file is not JSON: {error}") from None
-    rule = Rule(app_id=app_id, **validate_rule(body))
-    db.session.add(rule)
-    db.session.commit()
-    click.echo(json.dumps({"rule_id": rule.id}))
+    rule = app_rules.create_rule(app, app_rules.validate_rule(body))
+    _echo({"rule_id": rule.id})
+
+
+@rules_cli.command("list")
+@click.argument("app_id")
+@_domain_errors
+def list_rules_command(app_id):
+    """List an app's rules (GET /api/apps/<app_id>/rules)."""
+    _echo(RuleList().dump({"rules": app_rules.list_rules(apps.active_app(app_id))}))
+
+
+@rules_cli.command("disable")
+@click.argument("rule_id")
+@_domain_errors
+def disable_rule_command(rule_id):
+    """Disable a rule (PATCH {"enabled": false}); print it."""
+    _echo(RuleOut().dump(app_rules.change_rule(app_rules.rule_by_id(rule_id), {"enabled": False})))
 
 
 def register_commands(app: Flask) -> None:

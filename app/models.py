@@ -131,3 +131,10 @@ class RevokedToken(db.Model):
 
     jti: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     expires_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), index=True)
+
+
+# Event listings (app/manage/event_queries.py): the app and one equality filter, then newest first.
+# Declared here, after the class, so that they stay additive to whatever shape `events` takes.
+sa.Index("ix_events_app_level_timestamp", Event.app_id, Event.level, Event.timestamp.desc(), Event.id.desc())
+sa.Index("ix_events_app_user_timestamp", Event.app_id, Event.user_id, Event.timestamp.desc(), Event.id.desc(),
+         postgresql_where=Event.user_id.isnot(None), sqlite_where=Event.user_id.isnot(None))

@@ -171,3 +171,7 @@ class RulesCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+    def discard(self, app_id: str) -> None:
+        """Forget one app's entry: its next request loads the app and rules afresh."""
+        self._entries.pop(app_id, None)

@@ -195,3 +195,79 @@ def test_the_real_flask_command_prints_only_the_json(test_environment, tmp_path)
     rule = flask("rules", "add", created["app_id"], "--file",
                  write_rule(tmp_path, {"name": "r", "action": "warn", "schema": {"type": "object"}}))
     assert sql("SELECT app_id FROM rules WHERE id = %s", rule["rule_id"]) == [(created["app_id"],)]
+    rotated = flask("apps", "rotate-key", created["app_id"])
+    assert rotated["app_id"] == created["app_id"] and rotated["api_key"] != created["api_key"]
+
+
+# --- apps list, apps rotate-key, rules list, rules disable: the functions of the HTTP routes --------
+
+
+def bearer(app, email):
+    """Headers with an access token for the user with this e-mail (to compare with the HTTP routes)."""
+    from flask_jwt_extended import create_access_token
+
+    [(user_id,)] = sql("SELECT id FROM users WHERE email = %s", email)
+    with app.app_context():
+        return {"Authorization": f"Bearer {create_access_token(identity=user_id)}"}
+
+
+def test_apps_list_prints_what_the_route_answers(app, cli, client, owner, created_app):
+    assert cli("users", "create", "other@example.com", "--password", "long enough").exit_code == 0
+    theirs = json.loads(cli("apps", "create", "Theirs", "--owner", "other@example.com").output)
+    everybody = json.loads(cli("apps", "list").output)
+    assert [a["id"] for a in everybody["apps"]] == [created_app["app_id"], theirs["app_id"]]
+    mine = cli("apps", "list", "--owner", owner.upper())
+    assert mine.exit_code == 0, mine.output
+    assert json.loads(mine.output) == client.get("/api/apps", headers=bearer(app, owner)).get_json()
+    assert [a["name"] for a in json.loads(mine.output)["apps"]] == ["Shop"]
+    unknown = cli("apps", "list", "--owner", "nobody@example.com")
+    assert unknown.exit_code != 0 and "nobody@example.com" in unknown.output
+
+
+def test_apps_rotate_key_prints_the_new_key_once_and_the_old_one_stops(cli, client, created_app):
+    app_id, old_key = created_app["app_id"], created_app["api_key"]
+    ingest = lambda key: client.post(f"/api/logs/{app_id}", json={"event_name": "e"}, headers={"X-API-Key": key})
+    assert ingest(old_key).status_code == 202
+    result = cli("apps", "rotate-key", app_id)
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.output)
+    assert printed["app_id"] == app_id and printed["api_key"] != old_key
+    assert ingest(old_key).status_code == 401
+    assert ingest(printed["api_key"]).status_code == 202
+    assert printed["api_key"] not in json.dumps(sql("SELECT * FROM apps"), default=str)
+
+
+@pytest.mark.parametrize("command", [("apps", "rotate-key"), ("rules", "list"), ("rules", "add")])
+def test_app_commands_refuse_unknown_and_deleted_apps(cli, created_app, tmp_path, command):
+    sql("UPDATE apps SET deleted_at = now()")
+    extra = ("--file", write_rule(tmp_path, {"name": "r", "action": "warn", "schema": {}})) if command[1] == "add" else ()
+    for app_id in (created_app["app_id"], "no-such-app"):
+        result = cli(*command, app_id, *extra)
+        assert result.exit_code != 0 and app_id in result.output and "Traceback" not in result.output
+    assert sql("SELECT count(*) FROM rules") == [(0,)]
+
+
+def test_rules_list_and_disable(app, cli, client, owner, created_app, tmp_path):
+    app_id, key = created_app["app_id"], created_app["api_key"]
+    body = {"name": "needs user", "action": "reject", "schema": {"required": ["user_id"]}}
+    rule_id = json.loads(cli("rules", "add", app_id, "--file", write_rule(tmp_path, body)).output)["rule_id"]
+    listed = cli("rules", "list", app_id)
+    assert listed.exit_code == 0, listed.output
+    assert json.loads(listed.output) == client.get(f"/api/apps/{app_id}/rules", headers=bearer(app, owner)).get_json()
+    assert [(r["id"], r["enabled"]) for r in json.loads(listed.output)["rules"]] == [(rule_id, True)]
+    ingest = lambda: client.post(f"/api/logs/{app_id}", json={"event_name": "e"}, headers={"X-API-Key": key})
+    assert ingest().status_code == 422
+
+    disabled = cli("rules", "disable", rule_id)
+    assert disabled.exit_code == 0, disabled.output
+    printed = json.loads(disabled.output)
+    assert (printed["id"], printed["enabled"], printed["name"]) == (rule_id, False, "needs user")
+    assert sql("SELECT enabled FROM rules") == [(False,)]
+    assert ingest().status_code == 202
+    assert cli("rules", "disable", rule_id).exit_code == 0  # disabling twice is no error
+
+
+@pytest.mark.parametrize("rule_id", ["no-such-rule", "3f1c1b5e-0000-4000-8000-000000000000"])
+def test_rules_disable_refuses_an_unknown_rule(cli, rule_id):
+    result = cli("rules", "disable", rule_id)
+    assert result.exit_code != 0 and "no rule" in result.output and "Traceback" not in result.output
