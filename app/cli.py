@@ -1,4 +1,4 @@
-"""Operator commands: `flask --app run users|apps|rules …`."""
+"""Operator commands: `flask --app run users|apps|rules|rollups|retention …`."""
 import json
 import secrets
 
@@ -7,6 +7,7 @@ from flask import Flask
 from flask.cli import AppGroup
 from werkzeug.security import generate_password_hash
 
+from app import retention, rollups
 from app.extensions import db
 from app.models import App, Rule, User, utcnow
 from app.rules import InvalidRuleSchema, check_rule_schema, hash_api_key
@@ -14,6 +15,8 @@ from app.rules import InvalidRuleSchema, check_rule_schema, hash_api_key
 users_cli = AppGroup("users", help="Manage users.")
 apps_cli = AppGroup("apps", help="Manage apps.")
 rules_cli = AppGroup("rules", help="Manage validation rules.")
+rollups_cli = AppGroup("rollups", help="Rollups of stored events.")
+retention_cli = AppGroup("retention", help="Expiry of stored events.")
 
 
 def new_api_key() -> str:
@@ -98,6 +101,18 @@ def add_rule(app_id, rule_file):
     click.echo(json.dumps({"rule_id": rule.id}))
 
 
+@rollups_cli.command("refresh")
+def refresh_rollups():
+    """Bring the rollups current now (the beat task's job)."""
+    click.echo(json.dumps(rollups.refresh()))
+
+
+@retention_cli.command("purge")
+def purge_expired():
+    """Remove the events past their app's retention now (the beat task's job)."""
+    click.echo(json.dumps(retention.purge()))
+
+
 def register_commands(app: Flask) -> None:
-    for group in (users_cli, apps_cli, rules_cli):
+    for group in (users_cli, apps_cli, rules_cli, rollups_cli, retention_cli):
         app.cli.add_command(group)

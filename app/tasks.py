@@ -4,7 +4,7 @@ import smtplib
 from celery import shared_task
 from flask import current_app
 
-from app import events, mail
+from app import events, mail, retention, rollups
 
 
 @shared_task(name="intake.persist_events")
@@ -36,3 +36,21 @@ def redeliver_pending() -> int:
 def send_email(to: str, subject: str, text: str, html: str | None = None) -> None:
     """Send one mail (queue `emails`)."""
     mail.send_message(mail.build_message(to, subject, text, html))
+
+
+@shared_task(name="intake.refresh_rollups")
+def refresh_rollups() -> dict:
+    """Fold the stored events' deltas into the rollups (queue `batch_processing`)."""
+    return rollups.refresh()
+
+
+@shared_task(name="intake.ensure_partitions")
+def ensure_partitions() -> dict:
+    """Make the events table's weekly partitions ahead of time (queue `batch_processing`)."""
+    return retention.ensure_partitions()
+
+
+@shared_task(name="intake.purge_expired")
+def purge_expired() -> dict:
+    """Remove events past their app's retention (queue `batch_processing`)."""
+    return retention.purge()

@@ -119,7 +119,7 @@ def clean_state(request, test_environment):
         return
     conn = psycopg2.connect(DATABASE_URL)
     conn.autocommit = True
-    conn.cursor().execute("TRUNCATE events, failed_events, rules, apps, users CASCADE")
+    conn.cursor().execute("TRUNCATE events, failed_events, rules, apps, users, event_keys, rollup_deltas, rollups, rollup_users CASCADE")
     conn.close()
     redis_lib.Redis.from_url(test_environment["REDIS_URL"]).flushdb()
 
