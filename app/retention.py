@@ -183,17 +183,19 @@ def _delete_chunk(app_id: str, cutoff: datetime, sqlite: bool) -> int:
             # chunk is found by ix_events_app_timestamp and removed by primary key.
             statement = (f"DELETE FROM events WHERE {expired} AND id = ANY(ARRAY("
                          f"SELECT id FROM events WHERE {expired} LIMIT :n))")
-        return connection.execute(sa.text(statement), {"app_id": app_id, "cutoff": cutoff, "n": DELETE_CHUNK}).rowcount
+        statement = sa.text(statement).bindparams(sa.bindparam("cutoff", type_=sa.DateTime(timezone=True)))
+        return connection.execute(statement, {"app_id": app_id, "cutoff": cutoff, "n": DELETE_CHUNK}).rowcount
 
 
 def _delete_keys_sqlite(app_id: str, before: datetime) -> None:
-    with db.engine.begin() as connection:
-        while connection.execute(sa.text(
-            "DELETE FROM event_keys WHERE rowid IN (SELECT rowid FROM event_keys "
-            "WHERE app_id = :app_id AND stored_at < :before LIMIT :n)"),
-            {"app_id": app_id, "before": before, "n": DELETE_CHUNK},
-        ).rowcount == DELETE_CHUNK:
-            pass
+    statement = sa.text(
+        "DELETE FROM event_keys WHERE rowid IN (SELECT rowid FROM event_keys "
+        "WHERE app_id = :app_id AND stored_at < :before LIMIT :n)"
+    ).bindparams(sa.bindparam("before", type_=sa.DateTime(timezone=True)))
+    while True:
+        with db.engine.begin() as connection:
+            if connection.execute(statement, {"app_id": app_id, "before": before, "n": DELETE_CHUNK}).rowcount < DELETE_CHUNK:
+                return
 
 
 def _purge_keys_postgresql(now: datetime) -> int:
