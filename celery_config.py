@@ -2,6 +2,7 @@
 
 The broker URL comes from the Flask config (REDIS_URL / CELERY_BROKER_URL).
 """
+from celery.schedules import crontab
 from kombu import Exchange, Queue
 
 QUEUES = ("default", "emails", "batch_processing")
@@ -16,6 +17,9 @@ task_routes = {
     "intake.replay_failed_events": {"queue": "batch_processing"},
     "intake.delete_app_data": {"queue": "batch_processing"},
     "intake.resume_app_deletions": {"queue": "batch_processing"},
+    "intake.refresh_rollups": {"queue": "batch_processing"},
+    "intake.ensure_partitions": {"queue": "batch_processing"},
+    "intake.purge_expired": {"queue": "batch_processing"},
 }
 
 task_serializer = "json"
@@ -70,5 +74,24 @@ beat_schedule = {
         "task": "intake.resume_app_deletions",
         "schedule": 60.0,
         "options": {"expires": 55},
+    },
+    # Rollups current within a minute of a store (the contract allows 2); runs take turns on
+    # an advisory lock and each delta is folded once, so overlapping runs are harmless.
+    "refresh-rollups": {
+        "task": "intake.refresh_rollups",
+        "schedule": 30.0,
+        "options": {"expires": 25},
+    },
+    # Idempotent (CREATE … IF NOT EXISTS), WEEKS_AHEAD weeks of margin.
+    "ensure-partitions": {
+        "task": "intake.ensure_partitions",
+        "schedule": 3600.0,
+        "options": {"expires": 1800},
+    },
+    # Daily; a second purge waits on the first's advisory lock, then finds nothing left.
+    "purge-expired": {
+        "task": "intake.purge_expired",
+        "schedule": crontab(hour=3, minute=17),
+        "options": {"expires": 3 * 3600},
     },
 }

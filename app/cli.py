@@ -1,4 +1,4 @@
-"""Operator commands: `flask --app run users|apps|rules …`."""
+"""Operator commands: `flask --app run users|apps|rules|rollups|retention …`."""
 import functools
 import json
 
@@ -6,6 +6,7 @@ import click
 from flask import Flask
 from flask.cli import AppGroup
 
+from app import retention, rollups
 from app.accounts.passwords import hash_password
 from app.errors import ApiError
 from app.extensions import db
@@ -17,6 +18,8 @@ from app.models import User, utcnow
 users_cli = AppGroup("users", help="Manage users.")
 apps_cli = AppGroup("apps", help="Manage apps.")
 rules_cli = AppGroup("rules", help="Manage validation rules.")
+rollups_cli = AppGroup("rollups", help="Rollups of stored events.")
+retention_cli = AppGroup("retention", help="Expiry of stored events.")
 
 
 def _domain_errors(command):
@@ -113,6 +116,18 @@ def disable_rule_command(rule_id):
     _echo(RuleOut().dump(app_rules.change_rule(app_rules.rule_by_id(rule_id), {"enabled": False})))
 
 
+@rollups_cli.command("refresh")
+def refresh_rollups():
+    """Bring the rollups current now (the beat task's job)."""
+    click.echo(json.dumps(rollups.refresh()))
+
+
+@retention_cli.command("purge")
+def purge_expired():
+    """Remove the events past their app's retention now (the beat task's job)."""
+    click.echo(json.dumps(retention.purge()))
+
+
 def register_commands(app: Flask) -> None:
-    for group in (users_cli, apps_cli, rules_cli):
+    for group in (users_cli, apps_cli, rules_cli, rollups_cli, retention_cli):
         app.cli.add_command(group)

@@ -1,4 +1,4 @@
-"""Tables: users, apps, rules, events and failed events."""
+"""Tables: users, apps, rules, events, failed events; de-duplication keys and rollups."""
 import uuid
 from datetime import datetime, timezone
 
@@ -67,12 +67,13 @@ class Event(db.Model):
 
     __tablename__ = "events"
     __table_args__ = (
-        # Idempotency: one row per (app, event_id), whatever the deliveries.
-        sa.UniqueConstraint("app_id", "event_id", name="uq_events_app_event_id"),
         # "Newest events of an app" and "newest of one name" are index scans.
         sa.Index("ix_events_app_timestamp", "app_id", sa.text("timestamp DESC"), sa.text("id DESC")),
         sa.Index("ix_events_app_name_timestamp", "app_id", "event_name", sa.text("timestamp DESC")),
     )
+    # On PostgreSQL the table is partitioned by range of `timestamp` (app/retention.py), so
+    # its primary key is (id, timestamp) and idempotency on (app, event_id) lives in
+    # EventKey, written by the same statement (app/events.py). The migration builds it.
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     app_id: Mapped[str] = mapped_column(sa.String(36))
@@ -138,3 +139,62 @@ class RevokedToken(db.Model):
 sa.Index("ix_events_app_level_timestamp", Event.app_id, Event.level, Event.timestamp.desc(), Event.id.desc())
 sa.Index("ix_events_app_user_timestamp", Event.app_id, Event.user_id, Event.timestamp.desc(), Event.id.desc(),
          postgresql_where=Event.user_id.isnot(None), sqlite_where=Event.user_id.isnot(None))
+
+
+class EventKey(db.Model):
+    """One stored (app, event_id): the de-duplication record, kept for the app's retention after storing."""
+
+    # No index beyond the key: the purge of keys past the window (app/retention.py) walks the
+    # table in block ranges once a day rather than adding an index to every write.
+    __tablename__ = "event_keys"
+
+    app_id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    event_id: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    # The event's processed_at: the status look-up reads it here, from the one unique index.
+    stored_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True))
+
+
+# What the insert really added, per (app, minute, event name, level), appended by the
+# statement that stores the events and consumed exactly once by the rollup job
+# (app/rollups.py). Append-only: no key, no index, so concurrent workers never wait on
+# each other. `user_ids`: the distinct user ids among those events (JSON list).
+rollup_deltas = sa.Table(
+    "rollup_deltas",
+    db.metadata,
+    sa.Column("app_id", sa.String(36), nullable=False),
+    sa.Column("minute", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("event_name", sa.String(255), nullable=False),
+    sa.Column("level", sa.String(8), nullable=False),
+    sa.Column("count", sa.Integer, nullable=False),
+    sa.Column("user_ids", JSONDocument),
+)
+
+
+class Rollup(db.Model):
+    """Counts of one app's events of one name in one minute, hour or UTC day (`bucket` m, h, d)."""
+
+    __tablename__ = "rollups"
+
+    app_id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    bucket: Mapped[str] = mapped_column(sa.String(1), primary_key=True)
+    start: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), primary_key=True)
+    event_name: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    debug: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    info: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    warning: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    error: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    critical: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    # Distinct user ids in the bucket, exact: the size of its set in RollupUser.
+    users: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+
+
+class RollupUser(db.Model):
+    """One distinct user id seen in one rollup bucket (what makes `users` exact)."""
+
+    __tablename__ = "rollup_users"
+
+    app_id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    bucket: Mapped[str] = mapped_column(sa.String(1), primary_key=True)
+    start: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), primary_key=True)
+    event_name: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    user_id: Mapped[str] = mapped_column(sa.String(255), primary_key=True)

@@ -5,7 +5,7 @@ from celery import shared_task
 from flask import current_app
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from app import events, lifecycle, mail
+from app import events, lifecycle, mail, retention, rollups
 
 
 @shared_task(name="intake.persist_events")
@@ -68,3 +68,21 @@ def delete_app_data(app_id: str) -> dict:
 def resume_app_deletions() -> int:
     """Queue the deletion of every app still marked deleted (beat; resumes interrupted deletions)."""
     return lifecycle.resume_app_deletions()
+
+
+@shared_task(name="intake.refresh_rollups")
+def refresh_rollups() -> dict:
+    """Fold the stored events' deltas into the rollups (queue `batch_processing`)."""
+    return rollups.refresh()
+
+
+@shared_task(name="intake.ensure_partitions")
+def ensure_partitions() -> dict:
+    """Make the events table's weekly partitions ahead of time (queue `batch_processing`)."""
+    return retention.ensure_partitions()
+
+
+@shared_task(name="intake.purge_expired")
+def purge_expired() -> dict:
+    """Remove events past their app's retention (queue `batch_processing`)."""
+    return retention.purge()

@@ -119,7 +119,8 @@ def clean_state(request, test_environment):
         return
     conn = psycopg2.connect(DATABASE_URL)
     conn.autocommit = True
-    conn.cursor().execute("TRUNCATE events, failed_events, rules, apps, users, account_codes, revoked_tokens CASCADE")
+    conn.cursor().execute("TRUNCATE events, failed_events, rules, apps, users, account_codes, revoked_tokens, event_keys, "
+                          "rollup_deltas, rollups, rollup_users CASCADE")
     conn.close()
     redis_lib.Redis.from_url(test_environment["REDIS_URL"]).flushdb()
 

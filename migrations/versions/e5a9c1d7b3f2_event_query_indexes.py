@@ -1,7 +1,7 @@
 """Indexes for the event listings: by level and by user, newest first; the look-up by event_id.
 
 Revision ID: e5a9c1d7b3f2
-Revises: b757319f68a8
+Revises: c41f0e2a9d17
 Create Date: 2026-12-01 21:40:00
 
 """
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 # revision identifiers, used by Alembic.
 revision = 'e5a9c1d7b3f2'
-down_revision = 'b757319f68a8'
+down_revision = 'c41f0e2a9d17'
 branch_labels = None
 depends_on = None
 
