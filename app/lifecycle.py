@@ -35,6 +35,10 @@ TASK_BUDGET_SECONDS = 60.0
 # with an app_id column).
 APP_DATA_TABLES = (
     ("events", "app_id"),
+    ("event_keys", "app_id"),
+    ("rollup_deltas", "app_id"),
+    ("rollups", "app_id"),
+    ("rollup_users", "app_id"),
     ("failed_events", "app_id"),
     ("rules", "app_id"),
 )

@@ -2,17 +2,14 @@
 
 `owned_app` is the one ownership check: every route under /api/apps/<app_id> starts with it.
 """
-import logging
 import secrets
 import uuid
 
-from app import invalidation
+from app import invalidation, lifecycle
 from app.errors import ApiError
 from app.extensions import db
-from app.models import App, User, utcnow
+from app.models import App, User
 from app.rules import hash_api_key
-
-log = logging.getLogger(__name__)
 
 
 def new_api_key() -> str:
@@ -107,18 +104,6 @@ def rotate_key(app: App) -> str:
 
 
 def delete_app(app: App) -> None:
-    """Mark the app deleted (its key stops working at once) and have its data removed."""
-    app.deleted_at = utcnow()
-    db.session.commit()
+    """Mark the app deleted (its key stops working at once) and have its data removed on batch_processing."""
+    lifecycle.schedule_app_deletion(app.id)
     invalidation.app_changed(app.id)
-    remove_app_data(app.id)
-
-
-def remove_app_data(app_id: str) -> None:
-    """Hook: queue the removal of the app's events, rollups, rules and failed events.
-
-    The removal belongs to the lifecycle work (`lifecycle.schedule_app_deletion(app_id)`, on
-    `batch_processing`), wired in here at merge. Until then a deleted app's rows stay, unreachable:
-    every route and the ingestion cache treat an app with `deleted_at` set as gone.
-    """
-    log.info("app %s marked deleted; its data awaits removal", app_id)
