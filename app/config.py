@@ -61,6 +61,8 @@ class Config:
         self.MAIL_TIMEOUT = _int(env, "MAIL_TIMEOUT", 10)
 
         self.RULES_CACHE_TTL = float(env.get("RULES_CACHE_TTL") or 5)
+        # Apps each API process keeps cached (least recently used go first).
+        self.RULES_CACHE_SIZE = _int(env, "RULES_CACHE_SIZE", 10_000)
         self.INGEST_MAX_EVENT_BYTES = _int(env, "INGEST_MAX_EVENT_BYTES", 1024 * 1024)
         self.INGEST_MAX_BATCH_BYTES = _int(env, "INGEST_MAX_BATCH_BYTES", 5 * 1024 * 1024)
         self.INGEST_MAX_BATCH_EVENTS = _int(env, "INGEST_MAX_BATCH_EVENTS", 1000)

@@ -498,3 +498,21 @@ def test_an_empty_gzip_body_is_400():
     error = api_error(checks.read_body, make_request(b"", encoding="gzip"), LIMIT)
     assert (error.status, error.code) == (400, "invalid_encoding")
 
+
+# --- rules that fail at run time ----------------------------------------------------------
+
+
+def test_a_rule_that_fails_at_run_time_is_skipped_with_a_warning():
+    # Stored before creation refused such schemas, or a cycle the creation check cannot see.
+    from app.rules import LOCAL_ONLY, RuleValidator
+
+    looping = CompiledRule("loops", None, "reject", RuleValidator({"allOf": [{"$ref": "#"}]}, registry=LOCAL_ONLY))
+    sound = CompiledRule("needs_user", None, "warn", RuleValidator({"required": ["user"]}))
+    rules = AppEntry(id="app-1", api_key_hash="x", rules=(looping, sound))
+    for _ in range(2):
+        event = checks.check_event(rules, {"event_name": "a"}, max_depth=10, received_at=NOW)
+        validation = event["validation"]
+        assert validation["status"] == "warning"
+        by_rule = {w["rule"]: w for w in validation["warnings"]}
+        assert set(by_rule) == {"loops", "needs_user"}
+        assert "RecursionError" in by_rule["loops"]["message"] and "skipped" in by_rule["loops"]["message"]

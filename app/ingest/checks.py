@@ -13,7 +13,7 @@ import orjson
 from flask import Request
 
 from app.errors import ApiError
-from app.rules import AppEntry
+from app.rules import AppEntry, RuleFailed
 
 LEVELS = {
     "debug": "debug",
@@ -243,7 +243,13 @@ def apply_rules(entry: AppEntry, event_name: str, event: dict) -> dict:
     """Run the app's rules: reject rules refuse the event, warn rules annotate it."""
     rejections, warnings = [], []
     for rule in entry.rules_for(event_name):
-        violations = rule.violations(event)
+        try:
+            violations = rule.violations(event)
+        except RuleFailed as failure:
+            # A broken rule must not refuse (or lose) the app's events: it is skipped, and
+            # the event says so in its warnings (README "Validation rules").
+            warnings.append(failure.detail)
+            continue
         (rejections if rule.action == "reject" else warnings).extend(violations)
     if rejections:
         raise ApiError(422, "validation_failed", "The event breaks the app's validation rules.", rejections)
