@@ -3,6 +3,7 @@ import os
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+APP_ENVS = ("development", "testing", "production")
 
 
 def _int(env, name, default):
@@ -26,7 +27,11 @@ class Config:
 
     def __init__(self, env=None):
         env = os.environ if env is None else env
-        self.APP_ENV = env.get("APP_ENV", "development")
+        self.APP_ENV = env.get("APP_ENV") or "development"
+        if self.APP_ENV not in APP_ENVS:
+            # Anything but production would run on the development keys below: a typo such
+            # as "prod" or a "staging" must not start a server with publicly known secrets.
+            raise RuntimeError(f"APP_ENV must be one of {', '.join(APP_ENVS)}, not {self.APP_ENV!r}")
         self.TESTING = self.APP_ENV == "testing"
         self.SECRET_KEY = env.get("SECRET_KEY")
         self.JWT_SECRET_KEY = env.get("JWT_SECRET_KEY")

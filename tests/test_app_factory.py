@@ -79,3 +79,16 @@ def test_any_database_outage_is_503():
 
     response = app.test_client().get("/needs-database")
     assert response.status_code == 503 and response.get_json()["error"]["code"] == "service_unavailable"
+
+
+@pytest.mark.parametrize("name", ["staging", "prod", "Production", "dev", " production"])
+def test_an_unknown_app_env_is_refused(name):
+    # Only development and testing may run on the built-in development keys.
+    with pytest.raises(RuntimeError, match="APP_ENV must be one of development, testing, production"):
+        Config({"APP_ENV": name, "SECRET_KEY": "s", "JWT_SECRET_KEY": "j"})
+
+
+def test_development_and_testing_get_development_keys():
+    for name in ("development", "testing"):
+        assert Config({"APP_ENV": name}).SECRET_KEY
+    assert Config({}).APP_ENV == "development"
