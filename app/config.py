@@ -53,7 +53,8 @@ class Config:
             # A database that hangs must not hold request threads (rules cache misses).
             self.SQLALCHEMY_ENGINE_OPTIONS["connect_args"] = {"connect_timeout": 3}
         self.REDIS_URL = env.get("REDIS_URL") or None
-        self.CELERY_BROKER_URL = env.get("CELERY_BROKER_URL") or self.REDIS_URL or "filesystem://"
+        # The embedded broker's URL names a host only so that kombu does not warn of a missing one.
+        self.CELERY_BROKER_URL = env.get("CELERY_BROKER_URL") or self.REDIS_URL or "filesystem://localhost/"
         self.BROKER_FOLDER = str(instance / "broker")
         self.PENDING_FOLDER = str(instance / "pending")
 

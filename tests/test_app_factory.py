@@ -53,7 +53,7 @@ def test_database_urls_name_the_shipped_driver():
 
 
 def test_broker_defaults():
-    assert Config({}).CELERY_BROKER_URL == "filesystem://"
+    assert Config({}).CELERY_BROKER_URL == "filesystem://localhost/"
     assert Config({"REDIS_URL": "redis://r:6379/1"}).CELERY_BROKER_URL == "redis://r:6379/1"
     assert Config({"REDIS_URL": "redis://r/1", "CELERY_BROKER_URL": "amqp://mq"}).CELERY_BROKER_URL == "amqp://mq"
 
