@@ -117,9 +117,70 @@ def _additional_properties(validator, additional, instance, schema):
             yield ValidationError(f"Additional properties are not allowed ({', '.join(map(repr, names))} {verb} unexpected)")
 
 
+def _unique_items(validator, unique, instance, schema):
+    # jsonschema compares unsortable items (objects) pair by pair: 20,000 small objects in one
+    # array took minutes. A hashable form of each item makes it one pass; JSON equality as
+    # jsonschema has it: 1 == 1.0, but true is not 1.
+    if unique and validator.is_type(instance, "array"):
+        seen = set()
+        for item in instance:
+            key = _hashable(item)
+            if key in seen:
+                yield ValidationError(f"{instance!r} has non-unique elements")
+                return
+            seen.add(key)
+
+
+def _hashable(value):
+    if isinstance(value, dict):
+        return "object", frozenset((key, _hashable(item)) for key, item in value.items())
+    if isinstance(value, list):
+        return "array", tuple(_hashable(item) for item in value)
+    if isinstance(value, bool) or value is None:
+        return "literal", value
+    return ("string" if isinstance(value, str) else "number"), value
+
+
+# --- a time budget for each rule and event --------------------------------------------------
+# Without cycles a schema can still multiply its work with the event's nesting (anyOf of
+# branches that each recurse into items: branches ** depth). Every keyword that applies a
+# subschema checks the deadline first; past it the rule fails (RuleFailed: skipped, with a
+# warning) instead of holding the process, and is skipped for the rest of its cache entry's
+# life (RULES_CACHE_TTL), so that a batch of such events costs one budget, not one each.
+RULE_TIME_BUDGET_SECONDS = 0.1
+APPLICATORS = (
+    "$ref", "$dynamicRef", "allOf", "anyOf", "oneOf", "not", "if", "dependentSchemas", "items", "prefixItems",
+    "contains", "properties", "patternProperties", "additionalProperties", "propertyNames", "unevaluatedItems",
+    "unevaluatedProperties",
+)
+
+
+class RuleTooCostly(Exception):
+    """A rule ran past RULE_TIME_BUDGET_SECONDS on one event."""
+
+
+class _Deadline(threading.local):
+    at = float("inf")  # no budget outside CompiledRule.violations
+
+
+_deadline = _Deadline()
+
+
+def _within_budget(keyword):
+    @functools.wraps(keyword)
+    def checked(validator, value, instance, schema):
+        if time.perf_counter() > _deadline.at:
+            raise RuleTooCostly(f"more than {RULE_TIME_BUDGET_SECONDS * 1000:.0f} ms on one event")
+        return keyword(validator, value, instance, schema)
+
+    return checked
+
+
+_keywords = {**Draft202012Validator.VALIDATORS, "pattern": _pattern, "patternProperties": _pattern_properties,
+             "additionalProperties": _additional_properties, "uniqueItems": _unique_items}
 RuleValidator = validators.extend(
     Draft202012Validator,
-    {"pattern": _pattern, "patternProperties": _pattern_properties, "additionalProperties": _additional_properties},
+    {name: _within_budget(keyword) if name in APPLICATORS else keyword for name, keyword in _keywords.items()},
 )
 
 
@@ -251,11 +312,15 @@ class CompiledRule:
     action: str
     validator: Draft202012Validator
     # Set once this compiled rule has logged a failure: one log line per rule and cache
-    # load, not one per event.
+    # load, not one per event; and once it ran out of time (see RULE_TIME_BUDGET_SECONDS).
     _failure_logged: list = field(default_factory=list, compare=False, repr=False)
+    _out_of_time: list = field(default_factory=list, compare=False, repr=False)
 
     def violations(self, event: dict) -> list[dict]:
         """The rule's violations by `event`; RuleFailed if the rule itself fails to run."""
+        if self._out_of_time:
+            raise RuleFailed(self._failure(self._out_of_time[0]))
+        _deadline.at = time.perf_counter() + RULE_TIME_BUDGET_SECONDS
         try:
             return [
                 {"path": _pointer(error.absolute_path), "message": error.message, "rule": self.name}
@@ -263,12 +328,20 @@ class CompiledRule:
             ]
         except Exception as error:  # RecursionError included: whatever a stored schema does
             reason = type(error).__name__
+            if isinstance(error, RuleTooCostly):
+                reason = f"{reason}: {error}"
+                self._out_of_time.append(reason)
             if not self._failure_logged:
                 self._failure_logged.append(True)
                 log.warning("rule %r failed while checking an event (%s): skipped", self.name, reason,
                             extra={"fields": {"rule": self.name, "error": reason}})
-            raise RuleFailed({"path": "", "rule": self.name,
-                              "message": f"the rule could not be checked ({reason}) and was skipped; fix or disable it"})
+            raise RuleFailed(self._failure(reason)) from None
+        finally:
+            _deadline.at = float("inf")
+
+    def _failure(self, reason: str) -> dict:
+        return {"path": "", "rule": self.name,
+                "message": f"the rule could not be checked ({reason}) and was skipped; fix or disable it"}
 
 
 @dataclass(frozen=True)

@@ -465,6 +465,11 @@ def test_unevaluated_properties_with_pattern_properties_is_refused():
     ({"properties": {"a": {}}, "additionalProperties": False}, {"a": 1, "b": 2}),
     ({"properties": {"a": {}}, "additionalProperties": {"type": "string"}}, {"a": 1, "b": 2, "c": "s"}),
     ({"patternProperties": {"^x": {}}, "additionalProperties": {"type": "string"}}, {"xa": 1, "b": 2}),
+    ({"properties": {"x": {"uniqueItems": True}}}, {"x": [{"a": 1}, {"a": 1.0}]}),
+    ({"properties": {"x": {"uniqueItems": True}}}, {"x": [1, True, 0, False, None, "", [], {}]}),
+    ({"properties": {"x": {"uniqueItems": True}}}, {"x": [[1, [True]], [1, [1]], {"a": [{"b": 1}]}, {"a": [{"b": True}]}]}),
+    ({"properties": {"x": {"uniqueItems": True}}}, {"x": [[1, {"a": "b"}], [1, {"a": "b"}]]}),
+    ({"properties": {"x": {"uniqueItems": False}}}, {"x": [1, 1]}),
 ])
 def test_re2_keywords_report_what_jsonschema_reports(schema, event):
     rule = compile_rule(Rule(name="r", event_name=None, action="reject", schema=schema))
@@ -665,3 +670,42 @@ def test_a_load_that_overlaps_a_discard_is_not_cached(app):
     reader.join(10)
     assert get(app, cache, "a") is not None
     assert loader.calls == ["a", "a"], "what the overlapping read saw may be older than the change"
+
+
+# --- rules that cost too much at run time ---------------------------------------------------
+
+
+@pytest.mark.no_clean
+def test_unique_items_of_many_objects_takes_linear_time():
+    # jsonschema compared unsortable items pair by pair: 5,000 objects took over ten seconds.
+    rule = compile_rule(Rule(name="u", event_name=None, action="reject", schema={"properties": {"x": {"uniqueItems": True}}}))
+    started = time.process_time()
+    assert rule.violations({"x": [{"n": n} for n in range(5000)]}) == []
+    assert [v["path"] for v in rule.violations({"x": [{"n": n} for n in range(5000)] + [{"n": 7}]})] == ["/x"]
+    assert time.process_time() - started < 1
+
+
+@pytest.mark.no_clean
+def test_a_rule_that_multiplies_its_work_with_the_events_nesting_runs_out_of_time():
+    # No cycle and few in-place schemas, but ten branches that each recurse into the items:
+    # 20 ** 8 applications on an event of nested pairs. Refused statically it cannot be.
+    from app.rules import RULE_TIME_BUDGET_SECONDS, RuleFailed
+
+    schema = {"anyOf": [{"items": {"$ref": "#"}, "type": "string"} for _ in range(10)]}
+    check_rule_schema(schema)
+    rule = compile_rule(Rule(name="costly", event_name=None, action="reject", schema=schema))
+    nested = 1
+    for _ in range(8):
+        nested = [nested, nested]
+    started = time.perf_counter()
+    with pytest.raises(RuleFailed, match="RuleTooCostly") as failure:
+        rule.violations(nested)
+    assert time.perf_counter() - started < RULE_TIME_BUDGET_SECONDS + 1
+    assert failure.value.detail["rule"] == "costly" and "skipped" in failure.value.detail["message"]
+    # From then on, until the cache reloads the rule, it is skipped at once.
+    started = time.perf_counter()
+    with pytest.raises(RuleFailed, match="RuleTooCostly"):
+        rule.violations(["x"])
+    assert time.perf_counter() - started < 0.01
+    # Other rules keep their own budget.
+    assert compile_rule(Rule(name="fine", event_name=None, action="reject", schema=schema)).violations("x") == []
