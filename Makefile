@@ -14,11 +14,11 @@ $(STAMP): requirements.txt requirements-dev.txt
 install: $(STAMP)
 
 # Web, workers for each queue and beat under honcho, on SQLite + the file-system broker
-# unless DATABASE_URL / REDIS_URL say otherwise.
+# unless DATABASE_URL / REDIS_URL say otherwise. One Ctrl-C stops them all (run_local.py).
 run: install
 	mkdir -p instance
 	$(BIN)/flask --app run db upgrade
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start web worker emails batch beat
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python run_local.py start web worker emails batch beat
 
 # The whole suite against real PostgreSQL and Redis (see tests/conftest.py for the URLs).
 test: install

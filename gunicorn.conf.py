@@ -1,7 +1,10 @@
 """gunicorn settings for `gunicorn run:app -c gunicorn.conf.py` (the Procfile's web process)."""
+import errno
 import logging
 import os
 import shutil
+import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -22,6 +25,8 @@ keepalive = 5
 # Each worker listens on a socket of its own and the kernel (Linux) spreads new connections
 # over them. On one shared socket the worker that wakes first accepts a burst of connections:
 # 16 keep-alive clients split 14/2 as often as 8/8, and the busier process is held by its GIL.
+# The price: a second server on the same port would start as well and the kernel would split
+# the traffic between the two, so on_starting below first makes sure nobody listens there.
 reuse_port = True
 # gunicorn's control socket is one path per user: two instances on a machine (tests,
 # benchmarks) would take it from each other, and nothing here uses gunicornc.
@@ -43,12 +48,24 @@ logconfig_dict = {
 logging.captureWarnings(True)  # Python warnings become JSON lines as well
 
 
+def _addresses(cfg) -> str:
+    return ",".join(f"unix:{a}" if isinstance(a, str) else f"http://{a[0]}:{a[1]}" for a in cfg.address
+                    if not isinstance(a, int))
+
+
 class Logger(glogging.Logger):
     """gunicorn's logger without the access log (unless --access-logfile): the app logs each request."""
 
     @property
     def access_log_enabled(self):
         return bool(self.cfg.accesslog)
+
+    def info(self, msg, *args, **kwargs):
+        # With reuse_port the master holds no socket (each worker binds its own), so gunicorn
+        # would log "Listening at:  (pid)": name the configured address instead.
+        if msg == "Listening at: %s (%s)" and args and not args[0]:
+            args = (_addresses(self.cfg), *args[1:])
+        super().info(msg, *args, **kwargs)
 
 
 logger_class = Logger
@@ -60,8 +77,34 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=TEMPORARY_METRICS_PREFIX)
 
 
+def _refuse_a_taken_port(server):
+    # A plain bind, without SO_REUSEPORT, fails while any socket listens on the address, also
+    # another gunicorn's reuse_port sockets. SO_REUSEADDR only lets it past connections of an
+    # earlier run still in TIME_WAIT. Skipped when gunicorn is handed its sockets (systemd)
+    # or re-executes itself (USR2): there the address is rightly taken.
+    if server.master_pid or os.environ.get("LISTEN_FDS"):
+        return
+    for address in server.cfg.address:
+        if not isinstance(address, tuple):
+            continue
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address[:2])
+            except OSError as error:
+                if error.errno != errno.EADDRINUSE:
+                    raise
+                server.log.error("Port %s is already in use: another server listens on %s. Stop it, or "
+                                 "choose another port with PORT.", address[1], _addresses(server.cfg))
+                on_exit(server)
+                sys.exit(1)
+
+
 def on_starting(server):
-    """Start from an empty metrics folder: an earlier run's samples must not be summed."""
+    """Refuse a port another server listens on; start from an empty metrics folder."""
+    _refuse_a_taken_port(server)
+    # An earlier run's samples must not be summed.
     folder = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     folder.mkdir(parents=True, exist_ok=True)
     for path in folder.glob("*.db"):

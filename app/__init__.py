@@ -23,7 +23,7 @@ def create_app(config: dict | None = None) -> Flask:
     celery = celery_init_app(app)
     pending = pending_store_from_config(app.config)
     app.extensions["intake.pending"] = pending
-    app.extensions["intake.rules"] = RulesCache(app.config["RULES_CACHE_TTL"])
+    app.extensions["intake.rules"] = RulesCache(app.config["RULES_CACHE_TTL"], size=app.config["RULES_CACHE_SIZE"])
     app.extensions["intake.publisher"] = Publisher(
         celery,
         pending,

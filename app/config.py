@@ -4,6 +4,7 @@ from datetime import timedelta
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+APP_ENVS = ("development", "testing", "production")
 
 
 def _int(env, name, default):
@@ -27,7 +28,11 @@ class Config:
 
     def __init__(self, env=None):
         env = os.environ if env is None else env
-        self.APP_ENV = env.get("APP_ENV", "development")
+        self.APP_ENV = env.get("APP_ENV") or "development"
+        if self.APP_ENV not in APP_ENVS:
+            # Anything but production would run on the development keys below: a typo such
+            # as "prod" or a "staging" must not start a server with publicly known secrets.
+            raise RuntimeError(f"APP_ENV must be one of {', '.join(APP_ENVS)}, not {self.APP_ENV!r}")
         self.TESTING = self.APP_ENV == "testing"
         self.SECRET_KEY = env.get("SECRET_KEY")
         self.JWT_SECRET_KEY = env.get("JWT_SECRET_KEY")
@@ -49,7 +54,8 @@ class Config:
             # A database that hangs must not hold request threads (rules cache misses).
             self.SQLALCHEMY_ENGINE_OPTIONS["connect_args"] = {"connect_timeout": 3}
         self.REDIS_URL = env.get("REDIS_URL") or None
-        self.CELERY_BROKER_URL = env.get("CELERY_BROKER_URL") or self.REDIS_URL or "filesystem://"
+        # The embedded broker's URL names a host only so that kombu does not warn of a missing one.
+        self.CELERY_BROKER_URL = env.get("CELERY_BROKER_URL") or self.REDIS_URL or "filesystem://localhost/"
         self.BROKER_FOLDER = str(instance / "broker")
         self.PENDING_FOLDER = str(instance / "pending")
 
@@ -62,6 +68,8 @@ class Config:
         self.MAIL_TIMEOUT = _int(env, "MAIL_TIMEOUT", 10)
 
         self.RULES_CACHE_TTL = float(env.get("RULES_CACHE_TTL") or 5)
+        # Apps each API process keeps cached (least recently used go first).
+        self.RULES_CACHE_SIZE = _int(env, "RULES_CACHE_SIZE", 10_000)
         self.INGEST_MAX_EVENT_BYTES = _int(env, "INGEST_MAX_EVENT_BYTES", 1024 * 1024)
         self.INGEST_MAX_BATCH_BYTES = _int(env, "INGEST_MAX_BATCH_BYTES", 5 * 1024 * 1024)
         self.INGEST_MAX_BATCH_EVENTS = _int(env, "INGEST_MAX_BATCH_EVENTS", 1000)

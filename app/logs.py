@@ -9,10 +9,12 @@ Only fields named here are written: never a key, password, token, code or payloa
 particular the `data` that Celery attaches to its own records (task arguments) is dropped.
 """
 import logging
+import os
 import re
 import sys
 import time
 import uuid
+import warnings
 from datetime import datetime, timezone
 
 import orjson
@@ -65,6 +67,14 @@ def _worker_logging_early(options=None, **_):
     # Before Celery sets up logging: its start-up warnings (e.g. running as root) become JSON too.
     configure((options or {}).get("loglevel") or logging.INFO)
     logging.captureWarnings(True)
+    if (os.environ.get("APP_ENV") or "development") == "development":
+        # Celery warns of "superuser privileges" for root and for any member of the sudo or
+        # wheel group, which is most laptop users: on `make run` that is noise to learn to
+        # ignore. The danger it names, pickled messages, does not exist here (JSON only:
+        # celery_config.accept_content); deployed workers still say it.
+        from celery.exceptions import SecurityWarning
+
+        warnings.filterwarnings("ignore", category=SecurityWarning)
 
 
 @signals.setup_logging.connect(weak=False, dispatch_uid="intake.logs.setup_logging")

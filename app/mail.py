@@ -1,6 +1,7 @@
 """Account mail and alerts over SMTP, sent by the `emails` queue."""
 import logging
 import smtplib
+import ssl
 from email.message import EmailMessage
 
 from flask import current_app
@@ -30,7 +31,9 @@ def send_message(message: EmailMessage) -> None:
         return
     with smtplib.SMTP(config["MAIL_SERVER"], config["MAIL_PORT"], timeout=config["MAIL_TIMEOUT"]) as smtp:
         if config["MAIL_USE_TLS"]:
-            smtp.starttls()
+            # Verify the server's certificate and name: without a context STARTTLS encrypts
+            # but accepts any certificate, so anyone on the path could read the codes.
+            smtp.starttls(context=ssl.create_default_context())
         if config["MAIL_USERNAME"]:
             smtp.login(config["MAIL_USERNAME"], config["MAIL_PASSWORD"] or "")
         smtp.send_message(message)

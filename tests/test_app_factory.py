@@ -53,7 +53,7 @@ def test_database_urls_name_the_shipped_driver():
 
 
 def test_broker_defaults():
-    assert Config({}).CELERY_BROKER_URL == "filesystem://"
+    assert Config({}).CELERY_BROKER_URL == "filesystem://localhost/"
     assert Config({"REDIS_URL": "redis://r:6379/1"}).CELERY_BROKER_URL == "redis://r:6379/1"
     assert Config({"REDIS_URL": "redis://r/1", "CELERY_BROKER_URL": "amqp://mq"}).CELERY_BROKER_URL == "amqp://mq"
 
@@ -79,3 +79,16 @@ def test_any_database_outage_is_503():
 
     response = app.test_client().get("/needs-database")
     assert response.status_code == 503 and response.get_json()["error"]["code"] == "service_unavailable"
+
+
+@pytest.mark.parametrize("name", ["staging", "prod", "Production", "dev", " production"])
+def test_an_unknown_app_env_is_refused(name):
+    # Only development and testing may run on the built-in development keys.
+    with pytest.raises(RuntimeError, match="APP_ENV must be one of development, testing, production"):
+        Config({"APP_ENV": name, "SECRET_KEY": "s", "JWT_SECRET_KEY": "j"})
+
+
+def test_development_and_testing_get_development_keys():
+    for name in ("development", "testing"):
+        assert Config({"APP_ENV": name}).SECRET_KEY
+    assert Config({}).APP_ENV == "development"

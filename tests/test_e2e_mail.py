@@ -59,3 +59,40 @@ def test_without_mail_server_the_mail_goes_to_the_log(stack, app):
     worker = stack.worker(queues="emails", MAIL_SERVER="")
     app.extensions["celery"].send_task("intake.send_email", args=["ada@example.com", "Dev mail", "Code: 654321"])
     worker.wait_for_output("Code: 654321", timeout=30)
+
+
+@pytest.fixture
+def starttls_server(tmp_path):
+    """An SMTP server that requires STARTTLS, with a self-signed certificate for 127.0.0.1."""
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    inbox = Inbox()
+    controller = Controller(inbox, hostname="127.0.0.1", port=free_port(), tls_context=context, require_starttls=True)
+    controller.start()
+    yield controller, inbox, cert
+    controller.stop()
+
+
+def test_starttls_verifies_the_servers_certificate(starttls_server, monkeypatch):
+    import ssl
+
+    from app import create_app, mail
+
+    controller, inbox, cert = starttls_server
+    app = create_app({"MAIL_SERVER": "127.0.0.1", "MAIL_PORT": controller.port, "MAIL_USE_TLS": True})
+    with app.app_context():
+        with pytest.raises(ssl.SSLCertVerificationError):
+            mail.send_message(mail.build_message("ada@example.com", "Your code", "Code: 123456"))
+        assert inbox.messages == []
+        # The same server, its certificate trusted: the mail goes through encrypted.
+        default_context = ssl.create_default_context
+        monkeypatch.setattr(ssl, "create_default_context", lambda: default_context(cafile=str(cert)))
+        mail.send_message(mail.build_message("ada@example.com", "Your code", "Code: 123456"))
+    assert [m["Subject"] for m in inbox.messages] == ["Your code"]

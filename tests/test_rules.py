@@ -1,4 +1,6 @@
 """RulesCache against the real database (SQL counted, fake clock) and rule schema checks and violations."""
+import threading
+import time
 from datetime import datetime, timezone
 
 import pytest
@@ -7,11 +9,15 @@ from referencing.exceptions import Unresolvable
 from sqlalchemy import event as sa_event
 from sqlalchemy.exc import OperationalError
 
+from app.config import Config
 from app.extensions import db
 from app.models import App, Rule
 from app.rules import (
     LOCAL_ONLY,
+    NEGATIVE_ENTRIES,
+    NEGATIVE_TTL_SECONDS,
     STALE_RECHECK_SECONDS,
+    AppEntry,
     InvalidRuleSchema,
     RulesCache,
     RulesUnavailable,
@@ -394,3 +400,312 @@ def test_database_outage_gives_503_not_500_for_an_uncached_app(app, client, make
     assert response.status_code == 503
     assert response.get_json()["error"]["code"] == "service_unavailable"
     assert response.headers["Retry-After"]
+
+
+# --- patterns run on RE2 ------------------------------------------------------------------
+
+REDOS_PATTERNS = ["^(a+)+$", "^(a|a)*$", "^(a|aa)+$", "^(a*)*b$", "(x+x+)+y", "^([a-zA-Z0-9])(([\\-.]|[_]+)?([a-zA-Z0-9]+))*(@){1}[a-z0-9]+[.]{1}(([a-z]{2,3})|([a-z]{2,3}[.]{1}[a-z]{2,3}))$"]
+
+
+def fastest_check(rule, event, runs=5) -> float:
+    timings = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        violations = rule.violations(event)
+        timings.append(time.perf_counter() - started)
+    assert violations, "the hostile value must not match"
+    return min(timings)
+
+
+@pytest.mark.no_clean
+@pytest.mark.parametrize("pattern", REDOS_PATTERNS)
+def test_known_redos_patterns_answer_in_under_a_millisecond(pattern):
+    # Python's re took 3 s for "^(a+)+$" against 27 a's and a "!", holding the GIL.
+    hostile = "a" * 27 + "!"
+    for schema, event in [
+        ({"properties": {"x": {"pattern": pattern}}}, {"x": hostile}),
+        ({"properties": {"x": {"pattern": pattern}}}, {"x": "a" * 5000 + "!"}),
+        ({"patternProperties": {pattern: {"type": "integer"}}, "additionalProperties": False}, {hostile: 1}),
+        ({"propertyNames": {"pattern": pattern}}, {hostile: 1}),
+    ]:
+        check_rule_schema(schema)
+        rule = compile_rule(Rule(name="redos", event_name=None, action="reject", schema=schema))
+        assert fastest_check(rule, event) < 0.001, (schema, event)
+
+
+@pytest.mark.no_clean
+@pytest.mark.parametrize("pattern", ["(?=a)b", "(?!a)b", "(?<=a)b", "(?<!a)b", "(a)\\1", "\\Z"])
+def test_patterns_re2_cannot_run_are_refused_with_a_clear_message(pattern):
+    for schema in ({"properties": {"x": {"pattern": pattern}}}, {"patternProperties": {pattern: {}}},
+                   {"items": {"propertyNames": {"pattern": pattern}}}):
+        with pytest.raises(InvalidRuleSchema, match="RE2, which has no lookahead, lookbehind or backreferences"):
+            check_rule_schema(schema)
+
+
+@pytest.mark.no_clean
+def test_unevaluated_properties_with_pattern_properties_is_refused():
+    # jsonschema's own unevaluatedProperties helper would match those patterns with re.
+    with pytest.raises(InvalidRuleSchema, match="unevaluatedProperties with patternProperties"):
+        check_rule_schema({"allOf": [{"patternProperties": {"^a": {}}}], "unevaluatedProperties": False})
+    check_rule_schema({"properties": {"a": {}}, "unevaluatedProperties": False})
+
+
+@pytest.mark.no_clean
+@pytest.mark.parametrize("schema, event", [
+    ({"properties": {"x": {"pattern": "^a.c$"}}}, {"x": "abc"}),
+    ({"properties": {"x": {"pattern": "^a.c$"}}}, {"x": "aéc"}),
+    ({"properties": {"x": {"pattern": "^a.c$"}}}, {"x": "ac"}),
+    ({"properties": {"x": {"pattern": "b"}}}, {"x": "abc"}),
+    ({"properties": {"x": {"pattern": "[0-9]{3}"}}}, {"x": 123}),
+    ({"patternProperties": {"^x_": {"type": "string"}, "é$": {"type": "integer"}}},
+     {"x_a": 1, "x_b": "ok", "café": "no", "y": 2}),
+    ({"properties": {"a": {}}, "patternProperties": {"^x_": {}}, "additionalProperties": False},
+     {"a": 1, "x_1": 2, "other": 3, "more": 4}),
+    ({"properties": {"a": {}}, "patternProperties": {"^x_": {}}, "additionalProperties": False}, {"a": 1, "x_1": 2}),
+    ({"properties": {"a": {}}, "additionalProperties": False}, {"a": 1, "b": 2}),
+    ({"properties": {"a": {}}, "additionalProperties": {"type": "string"}}, {"a": 1, "b": 2, "c": "s"}),
+    ({"patternProperties": {"^x": {}}, "additionalProperties": {"type": "string"}}, {"xa": 1, "b": 2}),
+    ({"properties": {"x": {"uniqueItems": True}}}, {"x": [{"a": 1}, {"a": 1.0}]}),
+    ({"properties": {"x": {"uniqueItems": True}}}, {"x": [1, True, 0, False, None, "", [], {}]}),
+    ({"properties": {"x": {"uniqueItems": True}}}, {"x": [[1, [True]], [1, [1]], {"a": [{"b": 1}]}, {"a": [{"b": True}]}]}),
+    ({"properties": {"x": {"uniqueItems": True}}}, {"x": [[1, {"a": "b"}], [1, {"a": "b"}]]}),
+    ({"properties": {"x": {"uniqueItems": False}}}, {"x": [1, 1]}),
+])
+def test_re2_keywords_report_what_jsonschema_reports(schema, event):
+    rule = compile_rule(Rule(name="r", event_name=None, action="reject", schema=schema))
+    expected = [(list(e.absolute_path), e.message) for e in Draft202012Validator(schema).iter_errors(event)]
+    assert sorted((v["path"], v["message"]) for v in rule.violations(event)) == sorted(
+        ("".join(f"/{p}" for p in path), message) for path, message in expected)
+
+
+# --- recursive rules ----------------------------------------------------------------------
+
+
+@pytest.mark.no_clean
+@pytest.mark.parametrize("schema", [
+    {"allOf": [{"$ref": "#"}]},
+    {"$ref": "#"},
+    {"anyOf": [{"type": "string"}, {"$ref": "#"}]},
+    {"oneOf": [{"not": {"$ref": "#"}}]},
+    {"if": {"$ref": "#"}},
+    {"if": {"type": "object"}, "then": {"$ref": "#"}},
+    {"if": {"type": "object"}, "else": {"$ref": "#"}},
+    {"dependentSchemas": {"x": {"$ref": "#"}}},
+    {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"allOf": [{"$ref": "#/$defs/a"}]}}, "$ref": "#/$defs/a"},
+    {"properties": {"child": {"allOf": [{"$ref": "#/properties/child"}]}}},
+    {"$defs": {"node": {"$dynamicAnchor": "node", "anyOf": [{"$dynamicRef": "#node"}]}}, "$ref": "#/$defs/node"},
+    {"$id": "https://example.com/root", "$defs": {"a": {"$id": "a", "allOf": [{"$ref": "root"}]}}, "$ref": "a"},
+])
+def test_a_schema_that_applies_itself_to_the_same_value_is_refused(schema):
+    with pytest.raises(InvalidRuleSchema, match="same value again without end"):
+        check_rule_schema(schema)
+
+
+@pytest.mark.no_clean
+def test_recursion_that_descends_into_the_event_is_kept():
+    schema = {"type": "object", "required": ["v"], "properties": {"v": {}, "children": {"items": {"$ref": "#"}}},
+              "additionalProperties": {"anyOf": [{"type": "string"}, {"$ref": "#"}]}}
+    check_rule_schema(schema)
+    rule = compile_rule(Rule(name="tree", event_name=None, action="reject", schema=schema))
+    tree = {"v": 1}
+    for _ in range(9):
+        tree = {"v": 1, "children": [tree, {"v": 2}]}
+    assert rule.violations(tree) == []
+    tree["children"][0]["children"][0] = {"no_v": "s"}
+    assert [v["path"] for v in rule.violations(tree)] == ["/children/0/children/0"]
+
+
+@pytest.mark.no_clean
+def test_a_schema_that_multiplies_its_own_work_is_refused():
+    # No cycle, but each definition applies the next twice: 2**30 applications to one value.
+    definitions = {f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i + 1}"}, {"$ref": f"#/$defs/d{i + 1}"}]} for i in range(30)}
+    with pytest.raises(InvalidRuleSchema, match="more than 1000 subschemas"):
+        check_rule_schema({"$defs": {**definitions, "d30": {"type": "object"}}, "$ref": "#/$defs/d0"})
+    shared = {f"d{i}": {"allOf": [{"$ref": f"#/$defs/d{i + 1}"}]} for i in range(30)}
+    check_rule_schema({"$defs": {**shared, "d30": {}}, "$ref": "#/$defs/d0"})  # a chain is fine
+
+
+@pytest.mark.no_clean
+def test_a_schema_nested_too_deeply_is_refused_not_crashed():
+    schema = {}
+    node = schema
+    for _ in range(5000):
+        node["not"] = {}
+        node = node["not"]
+    with pytest.raises(InvalidRuleSchema, match="nested too deeply"):
+        check_rule_schema(schema)
+
+
+def test_a_stored_recursive_rule_never_makes_ingestion_answer_500(app, client, make_app):
+    app_id, key = make_app(rules=[{"name": "loops", "schema": {"allOf": [{"$ref": "#"}]}, "action": "reject"},
+                                  {"name": "needs_user", "schema": {"required": ["user"]}, "action": "reject"}])
+    headers = {"X-API-Key": key}
+    response = client.post(f"/api/logs/{app_id}", json={"event_name": "e", "user": 1}, headers=headers)
+    assert response.status_code == 202, response.get_json()
+    (warning,) = response.get_json()["validation"]["warnings"]
+    assert warning["rule"] == "loops" and "skipped" in warning["message"]
+    # The other rules still apply.
+    response = client.post(f"/api/logs/{app_id}", json={"event_name": "e"}, headers=headers)
+    assert response.status_code == 422 and response.get_json()["error"]["details"][0]["rule"] == "needs_user"
+    batch = client.post(f"/api/logs/{app_id}/batch", json=[{"event_name": "e", "user": 1}], headers=headers)
+    assert batch.status_code == 202 and batch.get_json()["accepted"] == 1
+
+
+# --- RulesCache: bounded, brief negative entries, a lock per app, discard -----------------
+
+
+class CountingLoader:
+    """Answers from a dict, counting calls; `gate` (an Event) holds the ids in `held` until set."""
+
+    def __init__(self, known=(), held=(), delay=0.0):
+        self.known = set(known)
+        self.held = set(held)
+        self.gate = threading.Event()
+        self.delay = delay
+        self.calls = []
+
+    def __call__(self, app_id):
+        self.calls.append(app_id)
+        if app_id in self.held:
+            assert self.gate.wait(10)
+        time.sleep(self.delay)
+        return AppEntry(app_id, "hash", ()) if app_id in self.known else None
+
+
+@pytest.mark.no_clean
+def test_the_cache_holds_at_most_size_apps_least_recently_used_first(app, clock):
+    loader = CountingLoader(known={"a", "b", "c"})
+    cache = RulesCache(TTL, loader=loader, clock=clock, size=2)
+    get(app, cache, "a"), get(app, cache, "b"), get(app, cache, "a")
+    get(app, cache, "c")  # pushes out b, the least recently used
+    assert len(cache) == 2
+    loader.calls.clear()
+    get(app, cache, "a"), get(app, cache, "c")
+    assert loader.calls == []
+    get(app, cache, "b")
+    assert loader.calls == ["b"]
+
+
+def test_the_apps_cache_size_comes_from_rules_cache_size():
+    from app import create_app
+
+    assert create_app({"RULES_CACHE_SIZE": 7}).config["RULES_CACHE_SIZE"] == 7
+    assert Config({"RULES_CACHE_SIZE": "123"}).RULES_CACHE_SIZE == 123
+    assert Config({}).RULES_CACHE_SIZE == 10_000
+
+
+@pytest.mark.no_clean
+def test_unknown_ids_are_kept_briefly_and_never_push_out_known_apps(app, clock):
+    loader = CountingLoader(known={"real"})
+    cache = RulesCache(60, loader=loader, clock=clock, size=10)
+    assert get(app, cache, "real") is not None
+    for n in range(5000):
+        assert get(app, cache, f"random-{n}") is None
+    assert len(cache) <= 10 + NEGATIVE_ENTRIES
+    loader.calls.clear()
+    assert get(app, cache, "real") is not None and loader.calls == []  # still cached
+    assert get(app, cache, "random-4999") is None and loader.calls == []  # briefly remembered
+    clock.advance(NEGATIVE_TTL_SECONDS)
+    assert get(app, cache, "random-4999") is None and loader.calls == ["random-4999"]
+    assert get(app, cache, "real") is not None and loader.calls == ["random-4999"]  # TTL 60 s
+
+
+@pytest.mark.no_clean
+def test_a_slow_miss_does_not_hold_back_other_apps(app):
+    loader = CountingLoader(known={"slow", "quick"}, held={"slow"})
+    cache = RulesCache(TTL, loader=loader)
+    slow = threading.Thread(target=get, args=(app, cache, "slow"))
+    slow.start()
+    try:
+        deadline = time.monotonic() + 5
+        while "slow" not in loader.calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.monotonic()
+        assert get(app, cache, "quick").id == "quick"
+        assert time.monotonic() - started < 1, "another app's miss waited for the slow one"
+        assert slow.is_alive()
+    finally:
+        loader.gate.set()
+        slow.join(10)
+
+
+@pytest.mark.no_clean
+def test_a_burst_for_a_cold_app_makes_one_query(app):
+    loader = CountingLoader(known={"cold"}, delay=0.2)
+    cache = RulesCache(TTL, loader=loader)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(get(app, cache, "cold"))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(results) == 8 and all(r.id == "cold" for r in results)
+    assert loader.calls == ["cold"]
+    assert not cache._loading._locks, "per-app locks are dropped once nobody waits"
+
+
+def test_discard_makes_the_next_lookup_read_the_database(app, cache, make_app, count_sql):
+    app_id, key = make_app()
+    assert get(app, cache, app_id).key_matches(key)
+    change(app, lambda: setattr(db.session.get(App, app_id), "api_key_hash", hash_api_key("ik_new")))
+    assert get(app, cache, app_id).key_matches(key)
+    cache.discard(app_id)
+    count_sql.clear()
+    assert get(app, cache, app_id).key_matches("ik_new")
+    assert count_sql
+    cache.discard("never-seen")  # discarding what is not there is fine
+
+
+@pytest.mark.no_clean
+def test_a_load_that_overlaps_a_discard_is_not_cached(app):
+    loader = CountingLoader(known={"a"}, held={"a"})
+    cache = RulesCache(TTL, loader=loader)
+    reader = threading.Thread(target=get, args=(app, cache, "a"))
+    reader.start()
+    deadline = time.monotonic() + 5
+    while not loader.calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    cache.discard("a")  # e.g. the key was rotated while the read was under way
+    loader.gate.set()
+    reader.join(10)
+    assert get(app, cache, "a") is not None
+    assert loader.calls == ["a", "a"], "what the overlapping read saw may be older than the change"
+
+
+# --- rules that cost too much at run time ---------------------------------------------------
+
+
+@pytest.mark.no_clean
+def test_unique_items_of_many_objects_takes_linear_time():
+    # jsonschema compared unsortable items pair by pair: 5,000 objects took over ten seconds.
+    rule = compile_rule(Rule(name="u", event_name=None, action="reject", schema={"properties": {"x": {"uniqueItems": True}}}))
+    started = time.process_time()
+    assert rule.violations({"x": [{"n": n} for n in range(5000)]}) == []
+    assert [v["path"] for v in rule.violations({"x": [{"n": n} for n in range(5000)] + [{"n": 7}]})] == ["/x"]
+    assert time.process_time() - started < 1
+
+
+@pytest.mark.no_clean
+def test_a_rule_that_multiplies_its_work_with_the_events_nesting_runs_out_of_time():
+    # No cycle and few in-place schemas, but ten branches that each recurse into the items:
+    # 20 ** 8 applications on an event of nested pairs. Refused statically it cannot be.
+    from app.rules import RULE_TIME_BUDGET_SECONDS, RuleFailed
+
+    schema = {"anyOf": [{"items": {"$ref": "#"}, "type": "string"} for _ in range(10)]}
+    check_rule_schema(schema)
+    rule = compile_rule(Rule(name="costly", event_name=None, action="reject", schema=schema))
+    nested = 1
+    for _ in range(8):
+        nested = [nested, nested]
+    started = time.perf_counter()
+    with pytest.raises(RuleFailed, match="RuleTooCostly") as failure:
+        rule.violations(nested)
+    assert time.perf_counter() - started < RULE_TIME_BUDGET_SECONDS + 1
+    assert failure.value.detail["rule"] == "costly" and "skipped" in failure.value.detail["message"]
+    # From then on, until the cache reloads the rule, it is skipped at once.
+    started = time.perf_counter()
+    with pytest.raises(RuleFailed, match="RuleTooCostly"):
+        rule.violations(["x"])
+    assert time.perf_counter() - started < 0.01
+    # Other rules keep their own budget.
+    assert compile_rule(Rule(name="fine", event_name=None, action="reject", schema=schema)).violations("x") == []
