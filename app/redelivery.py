@@ -29,10 +29,15 @@ def sweep(celery, pending, send) -> int:
 
 
 def queue_is_empty(celery, queue: str) -> bool:
-    """No message waits in the broker's queue (a passive declare; False when the broker cannot say)."""
+    """No message waits in the broker's queue (False when the broker cannot say).
+
+    Declared as the workers declare it (a passive declare fails on a queue no worker has
+    declared yet, and on AMQP closes the channel): the answer counts its messages on any broker.
+    """
     try:
         with celery.pool.acquire(block=True, timeout=2) as connection:
-            return connection.default_channel.queue_declare(queue=queue, passive=True).message_count == 0
+            declared = celery.amqp.queues[queue].bind(connection.default_channel).queue_declare()
+            return declared.message_count == 0
     except Exception as error:
         log.warning("could not read the depth of queue %s: %s", queue, error)
         return False
