@@ -53,6 +53,10 @@ def sweep_app(app) -> int:
 class Sweeper(threading.Thread):
     """Sweeps every SWEEP_INTERVAL seconds until stopped; an error is logged and the next sweep tries again."""
 
+    # A thread, not the worker's event loop (its timer): a sweep waits on Redis and the broker,
+    # which must not hold up the consuming of messages. Pool children forked later while it runs
+    # do not use what it holds: redis-py resets its pools on a new pid, logging re-inits its locks.
+
     def __init__(self, app, interval: float = SWEEP_INTERVAL):
         super().__init__(name="intake-redelivery", daemon=True)
         self.app = app
