@@ -63,12 +63,9 @@ task_publish_retry_policy = {
 worker_send_task_events = False
 worker_hijack_root_logger = False
 
+# Redelivery of pending groups runs in every worker (app/redelivery.py), not here: recovery
+# must not depend on beat. Beat only runs schedules.
 beat_schedule = {
-    "redeliver-pending": {
-        "task": "intake.redeliver_pending",
-        "schedule": 5.0,
-        "options": {"expires": 30},
-    },
     # App deletions a killed worker left unfinished, and the settle sweeps (app/lifecycle.py).
     "resume-app-deletions": {
         "task": "intake.resume_app_deletions",

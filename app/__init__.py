@@ -5,6 +5,7 @@ from app.config import PROJECT_ROOT, Config
 from app.extensions import api, celery_init_app, db, jwt, migrate
 from app.pending import pending_store_from_config
 from app.publisher import Publisher
+from app import redelivery
 from app.rules import RulesCache
 
 
@@ -51,4 +52,5 @@ def create_app(config: dict | None = None) -> Flask:
     logs.init_app(app)
     metrics.init_app(app)
     limits.init_app(app)
+    redelivery.init_app(app, celery)
     return app

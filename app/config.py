@@ -83,8 +83,8 @@ class Config:
         self.INGEST_GROUP_WINDOW_MS = float(env.get("INGEST_GROUP_WINDOW_MS") or 2)
         self.INGEST_GROUP_MAX_EVENTS = _int(env, "INGEST_GROUP_MAX_EVENTS", 500)
         self.INGEST_PUBLISH_TIMEOUT = float(env.get("INGEST_PUBLISH_TIMEOUT") or 1.5)
-        # An accepted group not stored after this long is published again.
-        self.INGEST_REDELIVER_AFTER = float(env.get("INGEST_REDELIVER_AFTER") or 90)
+        # The lease of a pending group (app/pending.py): a message lost this long is published again.
+        self.INGEST_REDELIVER_AFTER = float(env.get("INGEST_REDELIVER_AFTER") or 15)
 
         self.PERSIST_MAX_RETRIES = _int(env, "PERSIST_MAX_RETRIES", 5)
         self.PERSIST_RETRY_BACKOFF = float(env.get("PERSIST_RETRY_BACKOFF") or 2)

@@ -9,8 +9,10 @@ from flask import current_app
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 
+from app import metrics
 from app.extensions import db, with_reconnect
 from app.models import Event, EventKey, FailedEvent, new_id, rollup_deltas, utcnow
+from app.pending import MAX_DELIVERIES
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +42,40 @@ def _row(event: dict, processed_at: datetime) -> dict:
 
 
 def is_transient(error: Exception) -> bool:
-    """A failure of the database itself (down, restarting, deadlock), not of the data."""
+    """A failure of the database itself (down, restarting, deadlock, schema mid-deploy), not of the data."""
+    return database_error_kind(error) != "data"
+
+
+# SQLSTATE classes and codes (PostgreSQL appendix A) that say the database, not the data, is
+# at fault: the write waits for it. A schema mismatch (class 42: an undefined table or column
+# while a deploy migrates) waits too, loudly. The rest, 57014 (statement timeout, cancel)
+# included, splits like bad data and ends as failed events.
+UNAVAILABLE_CLASSES = ("08", "53", "58", "40")  # connection, resources, system/I/O, serialization/deadlock
+UNAVAILABLE_CODES = ("57P01", "57P02", "57P03", "57P04", "55P03", "3D000", "28000", "28P01")
+SCHEMA_CLASSES = ("42", "3F")
+# SQLite (the embedded default) has result codes, not SQLSTATE (low byte: the primary code).
+SQLITE_UNAVAILABLE = frozenset({5, 6, 7, 10, 13, 14, 15})  # BUSY, LOCKED, NOMEM, IOERR, FULL, CANTOPEN, PROTOCOL
+SQLITE_SCHEMA_TEXT = ("no such table", "no such column", "has no column")
+
+
+def database_error_kind(error: Exception) -> str:
+    """`unavailable` (wait), `schema` (wait, loudly) or `data` (split; in the end a failed event)."""
     if isinstance(error, DBAPIError) and error.connection_invalidated:
-        return True
-    dbapi = db.engine.dialect.loaded_dbapi
+        return "unavailable"
     original = getattr(error, "orig", None) or error
-    return isinstance(original, (dbapi.OperationalError, dbapi.InterfaceError))
+    code = getattr(original, "pgcode", None)
+    if code:
+        if code.startswith(UNAVAILABLE_CLASSES) or code in UNAVAILABLE_CODES:
+            return "unavailable"
+        return "schema" if code.startswith(SCHEMA_CLASSES) else "data"
+    sqlite_code = getattr(original, "sqlite_errorcode", None)
+    if sqlite_code is not None:
+        if sqlite_code & 0xFF in SQLITE_UNAVAILABLE:
+            return "unavailable"
+        return "schema" if any(text in str(original) for text in SQLITE_SCHEMA_TEXT) else "data"
+    # No code at all: the driver never reached the server (refused, closed, timed out).
+    dbapi = db.engine.dialect.loaded_dbapi
+    return "unavailable" if isinstance(original, (dbapi.OperationalError, dbapi.InterfaceError)) else "data"
 
 
 # PostgreSQL: the whole group travels as one JSON document and one statement unpacks it.
@@ -162,7 +192,9 @@ def store_events(events: list[dict]) -> list[tuple[dict, str]]:
 
 def _describe(error: Exception) -> str:
     original = getattr(error, "orig", None) or error
-    return f"{type(original).__name__}: {str(original).strip().splitlines()[0][:500]}"
+    code = getattr(original, "pgcode", None)
+    text = str(original).strip().splitlines()
+    return f"{type(original).__name__}{f' [{code}]' if code else ''}: {text[0][:500] if text else ''}"
 
 
 def _storable(value):
@@ -252,17 +284,34 @@ def persist_pending(queue: str, group_id: str) -> str:
     """Store a pending group; on failure reschedule it, or after the last try keep it as failed."""
     config = current_app.config
     pending = current_app.extensions["intake.pending"]
-    record = pending.load(queue, group_id)
-    if record is None:
+    taken = pending.take(queue, group_id)
+    if taken.status == "stored":
         return "duplicate"  # an earlier delivery of this message stored it
-    events, attempts = record["events"], record["attempts"] + 1
+    if taken.status == "missing":
+        # Neither the record nor its tombstone: the pending store lost data (a Redis restarted
+        # without persistence, a worker on another Redis), or a duplicate came after the tombstone expired.
+        log.error("pending record of group %s (%s) is missing and there is no sign it was stored: "
+                  "the pending store may have lost accepted events", group_id, queue)
+        metrics.PENDING_MISSING.labels(queue).inc()
+        pending.note_missing(queue, group_id)
+        return "missing"
+    events, attempts = taken.record["events"], taken.record["attempts"] + 1
+    if taken.deliveries > MAX_DELIVERIES:
+        return _set_aside_killer(pending, queue, group_id, events, attempts, taken.deliveries)
     delay = retry_delay(attempts, config["PERSIST_RETRY_BACKOFF"], config["PERSIST_RETRY_BACKOFF_MAX"])
     try:
-        failures = store_events(events)
+        with pending.hold(queue, group_id):
+            failures = store_events(events)
     except Exception as error:
         # The database itself is away: that is no fault of the events, so they wait
         # for it (backoff capped at 10 minutes) instead of becoming failed events.
-        log.warning("database unavailable while storing group %s: %s", group_id, _describe(error))
+        kind = database_error_kind(error)
+        metrics.DATABASE_ERRORS.labels(kind).inc()
+        if kind == "schema":
+            log.error("schema mismatch while storing group %s (a deploy half done?); the events wait: %s",
+                      group_id, _describe(error))
+        else:
+            log.warning("database unavailable while storing group %s: %s", group_id, _describe(error))
         pending.reschedule(queue, group_id, events, attempts, delay)
         return "retry"
     if not failures:
@@ -277,5 +326,23 @@ def persist_pending(queue: str, group_id: str) -> str:
         # Not even the dead letter can be written: keep the record and come back later.
         pending.reschedule(queue, group_id, [event for event, _ in failures], attempts, delay)
         return "retry"
+    pending.done(queue, group_id)
+    return "failed"
+
+
+def _set_aside_killer(pending, queue: str, group_id: str, events: list, attempts: int, deliveries: int) -> str:
+    """A group taken again and again with no write finishing kills its process: split it; alone, fail it."""
+    killed = deliveries - 1
+    if len(events) > 1:
+        middle = len(events) // 2
+        # Each half is split again at its next death, not after MAX_DELIVERIES more.
+        parts = pending.split(queue, group_id, [events[:middle], events[middle:]], attempts - 1, MAX_DELIVERIES - 1)
+        log.warning("group %s (%d events) ended its worker process %d times: split into %s", group_id, len(events),
+                    killed, ", ".join(parts))
+        return "split"
+    error = (f"WorkerLost: the write of this event ended the worker process {killed} times "
+             "(out of memory or the hard time limit); not tried again")
+    log.error("group %s: event %s %s", group_id, events[0].get("event_id"), error)
+    record_failures([(events[0], error)], attempts)
     pending.done(queue, group_id)
     return "failed"

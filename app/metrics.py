@@ -38,7 +38,9 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 TASK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 240.0)
 # What the persistence tasks return (app/events.py persist_pending): more telling than "success".
-PERSIST_RESULTS = frozenset({"stored", "duplicate", "retry", "failed"})
+PERSIST_RESULTS = frozenset({"stored", "duplicate", "retry", "failed", "missing", "split"})
+# The queues whose groups wait in the pending store.
+PENDING_QUEUES = ("default", "batch_processing")
 
 HTTP_REQUESTS = Counter("intake_http_requests_total", "HTTP requests answered.", ["method", "route", "status"])
 HTTP_DURATION = Histogram(
@@ -70,6 +72,15 @@ WORKER_TASK_RETRIES = Counter(
 WORKER_TASK_FAILURES = Counter(
     "intake_worker_task_failures_total", "Tasks that raised, or whose events went to the failed events.",
     ["task", "queue"],
+)
+PENDING_MISSING = Counter(
+    "intake_pending_missing_total",
+    "Messages whose pending record was gone with no sign it was stored: the pending store lost data.", ["queue"],
+)
+DATABASE_ERRORS = Counter(
+    "intake_database_errors_total",
+    "Writes that waited for the database: kind unavailable (down, busy) or schema (a mismatch, as mid-deploy).",
+    ["kind"],
 )
 
 
@@ -118,6 +129,7 @@ def render() -> tuple[bytes, str]:
         multiprocess.MultiProcessCollector(registry)
     live = CollectorRegistry()
     live.register(QueueDepthCollector(current_app.config))
+    live.register(PendingCollector(current_app.extensions["intake.pending"]))
     return generate_latest(registry) + generate_latest(live), CONTENT_TYPE_LATEST
 
 
@@ -163,6 +175,29 @@ class QueueDepthCollector:
             folder = Path(self.broker_folder) / "queue"
             return {queue: sum(1 for _ in folder.glob(f"*.{queue}.msg")) for queue in QUEUES}
         return None  # another broker: use its own exporter
+
+
+class PendingCollector:
+    """Reads the pending store when Prometheus scrapes: groups accepted, not yet stored, and the oldest's age."""
+
+    def __init__(self, pending):
+        self.pending = pending
+
+    def collect(self):
+        try:
+            stats = self.pending.stats(PENDING_QUEUES)
+        except Exception as error:
+            log.warning("pending store unavailable for metrics: %s", error)
+            return
+        groups = GaugeMetricFamily("intake_pending_groups", "Groups accepted and not yet stored.", labels=["queue"])
+        oldest = GaugeMetricFamily("intake_pending_oldest_seconds",
+                                   "Age of the oldest group accepted and not yet stored (0 when none).",
+                                   labels=["queue"])
+        for queue, (count, age) in stats.items():
+            groups.add_metric([queue], count)
+            oldest.add_metric([queue], age)
+        yield groups
+        yield oldest
 
 
 def _redis_queue_keys(queue: str) -> tuple[str, ...]:

@@ -78,7 +78,15 @@ def readiness_checks(config) -> dict:
     if redis_url and redis_url != broker_url:
         # The pending store and rules cache live there: ingestion needs it as much as the broker.
         checks["redis"] = lambda: _ping_redis(redis_url, "redis")
+    # The pending store's own warnings (a message that found no record) ride on the check of
+    # the server that holds it: the Redis of REDIS_URL, or the embedded default's folders.
+    holder = "redis" if "redis" in checks else "broker"
+    checks[holder] = _with_pending_warnings(checks[holder], current_app.extensions["intake.pending"])
     return checks
+
+
+def _with_pending_warnings(check, pending):
+    return lambda: (check() or []) + pending.warnings()
 
 
 def run_checks(checks: dict, timeout: float) -> dict[str, tuple[str | None, list[str]]]:

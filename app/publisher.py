@@ -92,6 +92,7 @@ class Publisher:
         self.max_events = max_events
         self.timeout = timeout
         self._waiting: dict[str, queue.SimpleQueue] = {}
+        self._threads: dict[str, threading.Thread] = {}
         self._thread_pid = None
         self._start_lock = threading.Lock()
 
@@ -131,15 +132,6 @@ class Publisher:
             TASK_FOR_QUEUE[queue_name], args=[group_id], task_id=group_id, queue=queue_name,
             headers=_headers(request_ids) or None,
         )
-
-    def redeliver_overdue(self) -> int:
-        """Publish again the pending groups whose due time has passed; return how many."""
-        count = 0
-        for queue_name in TASK_FOR_QUEUE:
-            for group_id in self.pending.claim_due(queue_name):
-                self.send(queue_name, group_id)
-                count += 1
-        return count
 
     def _forget(self, queue_name, group_id):
         # The client is told 503 and will retry: drop the record so that neither the
@@ -183,10 +175,27 @@ class Publisher:
             with self._start_lock:
                 if self._thread_pid != os.getpid():
                     self._waiting = {name: queue.SimpleQueue() for name in TASK_FOR_QUEUE}
+                    self._threads = {}
                     for name in TASK_FOR_QUEUE:
-                        threading.Thread(target=self._run, args=(name,), name=f"intake-publisher-{name}",
-                                         daemon=True).start()
+                        self._start_thread(name)
                     self._thread_pid = os.getpid()
+        # Supervision: a publisher thread that died would leave its queue unanswered for ever
+        # (503 on every request) while the process looks healthy. Start it again.
+        for name, thread in self._threads.items():
+            if not thread.is_alive():
+                with self._start_lock:
+                    if not self._threads[name].is_alive():
+                        log.error("publisher thread for %s had died; starting it again", name)
+                        self._start_thread(name)
+
+    def _start_thread(self, name: str) -> None:
+        thread = threading.Thread(target=self._run, args=(name,), name=f"intake-publisher-{name}", daemon=True)
+        self._threads[name] = thread
+        thread.start()
+
+    def threads_alive(self) -> bool:
+        """Every publisher thread this process started is running."""
+        return all(thread.is_alive() for thread in self._threads.values())
 
     def _next_group(self, waiting: queue.SimpleQueue, carried):
         """The requests of the next window, at most max_events events (a larger request goes alone)."""
@@ -208,11 +217,20 @@ class Publisher:
     def _run(self, queue_name: str):
         waiting, carried = self._waiting[queue_name], None
         while True:
-            group, carried = self._next_group(waiting, carried)
-            group = [item for item in group if item[1].set_running_or_notify_cancel()]
-            if group:
-                self._publish_for([f for _, f, _ in group], queue_name, [e for events, _, _ in group for e in events],
-                                  [r for _, _, r in group if r])
+            group = []
+            try:
+                group, carried = self._next_group(waiting, carried)
+                group = [item for item in group if item[1].set_running_or_notify_cancel()]
+                if group:
+                    self._publish_for([f for _, f, _ in group], queue_name,
+                                      [e for events, _, _ in group for e in events], [r for _, _, r in group if r])
+            except Exception as error:
+                # A bug here must fail the requests in hand, not the thread and every later request.
+                log.exception("publisher thread for %s: unexpected error", queue_name)
+                carried = None
+                for _, future, _ in group:
+                    if not future.done():
+                        future.set_exception(QueueUnavailable(f"publisher error: {error}"))
 
     def _publish_for(self, futures: list[Future], queue_name: str, events: list[dict], request_ids: list[str]):
         try:

@@ -5,7 +5,7 @@ from celery import shared_task
 from flask import current_app
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from app import events, lifecycle, mail, retention, rollups
+from app import events, lifecycle, mail, redelivery, retention, rollups
 
 
 @shared_task(name="intake.persist_events")
@@ -22,8 +22,8 @@ def persist_batch(group_id: str) -> str:
 
 @shared_task(name="intake.redeliver_pending")
 def redeliver_pending() -> int:
-    """Publish again every pending group that is overdue (lost message or retry due)."""
-    return current_app.extensions["intake.publisher"].redeliver_overdue()
+    """Publish again every pending group whose message is lost or whose retry is due (the workers do it on their own)."""
+    return redelivery.sweep_app(current_app._get_current_object())
 
 
 @shared_task(

@@ -1,11 +1,19 @@
-"""Nothing accepted is lost: SIGKILLed workers, messages the broker lost, a database outage."""
+"""Nothing accepted is lost: SIGKILLed workers, messages the broker lost, a backlog, a database outage.
+
+No test here runs beat: recovery lives in the workers (app/redelivery.py).
+"""
+import json
+import re
+import sys
 import threading
 import time
+import uuid
 
-from tests.conftest import free_port, sql, wait_until
+from tests.conftest import Process, free_port, sql, wait_until
 
-# INGEST_REDELIVER_AFTER is 8 s in the tests, and beat sweeps every 5 s.
-REDELIVERY_BOUND = 8 + 5 + 30
+# The contract: every accepted event stored within 30 s of the last worker restart (60 s at
+# most). INGEST_REDELIVER_AFTER is 8 s in the tests; the workers sweep every 2 s.
+AIM, REDELIVERY_BOUND = 30, 60
 
 
 def stored_ids(app_id):
@@ -23,16 +31,14 @@ def test_messages_lost_by_the_broker_are_published_again(stack, make_app, redis)
     # What kombu's Redis transport does when a worker dies between BRPOP and its
     # bookkeeping: the messages are gone from the broker.
     redis.delete("default", "batch_processing")
-    stack.beat()
     stack.worker(queues="default,batch_processing")
-    wait_until(lambda: len(stored_ids(app_id)) == 10, timeout=REDELIVERY_BOUND, message="10 redelivered events")
+    wait_until(lambda: len(stored_ids(app_id)) == 10, timeout=AIM, message="10 redelivered events")
     assert sorted(stored_ids(app_id)) == sorted([f"lost-{i}" for i in range(5)] + [f"lost-b{i}" for i in range(5)])
 
 
 def test_sigkilled_workers_lose_nothing_and_store_once(stack, make_app, redis):
     app_id, key = make_app()
     stack.web(workers=2, threads=4)
-    stack.beat()
     worker = stack.worker(queues="default,batch_processing", concurrency=2)
     accepted, refused, stop = [], [], threading.Event()
 
@@ -58,6 +64,7 @@ def test_sigkilled_workers_lose_nothing_and_store_once(stack, make_app, redis):
             time.sleep(1.5)
             worker.kill()  # SIGKILL to the whole process group, pool children included
             worker = stack.worker(queues="default,batch_processing", concurrency=2)
+        restarted = time.monotonic()
         time.sleep(1)
     finally:
         stop.set()
@@ -65,8 +72,9 @@ def test_sigkilled_workers_lose_nothing_and_store_once(stack, make_app, redis):
             thread.join()
 
     assert not refused and len(accepted) > 200
-    wait_until(lambda: len(stored_ids(app_id)) >= len(accepted), timeout=REDELIVERY_BOUND + 30,
+    wait_until(lambda: len(stored_ids(app_id)) >= len(accepted), timeout=REDELIVERY_BOUND,
                message=f"{len(accepted)} stored events")
+    print(f"every accepted event stored {time.monotonic() - restarted:.1f} s after the last restart")
     stored = stored_ids(app_id)
     assert sorted(stored) == sorted(accepted)  # every accepted event, each exactly once
     wait_until(lambda: redis.hlen("intake:pending:bodies") == 0, message="pending store drained")
@@ -76,7 +84,6 @@ def test_sigkilled_workers_lose_nothing_and_store_once(stack, make_app, redis):
 def test_database_outage_delays_but_loses_nothing(stack, make_app, redis):
     app_id, key = make_app()
     stack.web()
-    stack.beat()
     # A worker whose database is unreachable: every write fails for a reason of the database.
     unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
     broken = stack.worker(queues="default,batch_processing", DATABASE_URL=unreachable)
@@ -96,3 +103,109 @@ def _attempts(redis):
 
     bodies = redis.hvals("intake:pending:bodies")
     return min((orjson.loads(body)["attempts"] for body in bodies), default=0)
+
+
+def worker_log_lines(stack):
+    for process in stack.processes:
+        if process.name.startswith("worker-"):
+            for line in process.output().splitlines():
+                if line.startswith("{"):
+                    try:
+                        yield json.loads(line)
+                    except ValueError:
+                        continue
+
+
+def test_a_backlog_on_each_queue_and_three_kills_keep_the_bound_without_copies(stack, app, make_app, redis, capsys):
+    """A backlog of 10-20 s on each queue (the issue's 60 s, scaled to keep the test short)."""
+    from tests.test_persistence import make_event
+
+    app_id, key = make_app()
+    stack.web(workers=2, threads=4)
+    # The backlog: real groups with their records and messages, published as the API does.
+    backlog = []
+    with app.app_context():
+        publisher = app.extensions["intake.publisher"]
+        for i in range(BACKLOG_SINGLE):
+            backlog.append(f"q-{i}")
+            publisher.publish("default", [make_event(app_id, event_id=f"q-{i}")], [])
+        for i in range(BACKLOG_BATCHES):
+            ids = [f"qb-{i}-{k}" for k in range(10)]
+            backlog.extend(ids)
+            publisher.publish("batch_processing", [make_event(app_id, event_id=e) for e in ids], [])
+    accepted, refused, stop = list(backlog), [], threading.Event()
+
+    def load(thread):
+        i = 0
+        while not stop.is_set():
+            ids = [f"{thread}-{i}-{k}" for k in range(10)] if i % 3 == 0 else [f"{thread}-{i}"]
+            if len(ids) > 1:
+                response = stack.post(f"/api/logs/{app_id}/batch", [{"event_name": "b", "event_id": e} for e in ids],
+                                      headers={"X-API-Key": key})
+            else:
+                response = stack.post(f"/api/logs/{app_id}", {"event_name": "s", "event_id": ids[0]},
+                                      {"X-API-Key": key})
+            (accepted if response.status_code == 202 else refused).extend(ids)
+            i += 1
+            time.sleep(0.05)  # light: the backlog, not this stream, keeps the workers busy
+
+    def workers():
+        # Both started at once, then both waited for: a restart as a platform does it.
+        started = [Process(f"worker-{queue}", [sys.executable, "-m", "celery", "-A", "run:celery", "worker", "-Q", queue,
+                                               "-n", f"{queue}-{uuid.uuid4().hex[:6]}@%h", "-c", "2", "--loglevel",
+                                               "INFO", "--without-gossip", "--without-mingle"],
+                           stack.env, stack.log_dir).start() for queue in ("default", "batch_processing")]
+        stack.processes.extend(started)
+        for process in started:
+            process.wait_for_output("ready.", timeout=60)
+        return started
+
+    started = time.monotonic()
+    running = workers()
+    threads = [threading.Thread(target=load, args=(t,)) for t in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(3):
+            time.sleep(2)
+            assert redis.llen("default") > 0 and redis.llen("batch_processing") > 0, "the backlog is still there"
+            for worker in running:
+                worker.kill()
+            running = workers()
+        restarted = time.monotonic()
+        time.sleep(1)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+    assert not refused
+    def all_stored():
+        return len(stored_ids(app_id)) >= len(accepted)
+    try:
+        wait_until(all_stored, timeout=REDELIVERY_BOUND, message=f"{len(accepted)} stored events")
+    except AssertionError:
+        raise AssertionError(f"{len(stored_ids(app_id))} of {len(accepted)} stored {REDELIVERY_BOUND} s after the last "
+                             f"restart; queued {redis.llen('default')} / {redis.llen('batch_processing')}, "
+                             f"pending {redis.hlen('intake:pending:bodies')}") from None
+    took = time.monotonic() - restarted
+    assert sorted(stored_ids(app_id)) == sorted(accepted)  # every accepted event, each exactly once
+    wait_until(lambda: redis.hlen("intake:pending:bodies") == 0, message="pending store drained")
+    lines = list(worker_log_lines(stack))
+    duplicates = sum(1 for line in lines if line.get("outcome") == "duplicate")
+    published_again = sum(int(m.group(1)) for line in lines
+                          if (m := re.match(r"redelivery sweep published (\d+)", line.get("message", ""))))
+    with capsys.disabled():
+        print(f"\nbacklog {BACKLOG_SINGLE} + {BACKLOG_BATCHES} groups, {len(accepted)} events, three kills: "
+              f"all stored {took:.1f} s after the last restart ({time.monotonic() - started:.1f} s in all, kills "
+              f"over {restarted - started:.1f} s); "
+              f"the sweep published {published_again} group(s) again, {duplicates} of them duplicates")
+    assert took <= REDELIVERY_BOUND
+    assert duplicates <= published_again <= 100, "a backlog is not handed copies"
+
+
+# Sized for 10-20 s of backlog on each queue on a loaded 2-core machine (about 100 single-event
+# groups a second drain, with the live load beside them). The issue says 60 s: scaled down to
+# keep `make test` short; the mechanism does not depend on the length.
+BACKLOG_SINGLE = 1200
+BACKLOG_BATCHES = 400

@@ -67,7 +67,8 @@ def assert_nothing_left(redis):
     assert redis.hlen(BODIES) == 0, "a pending record was left behind"
     for queue in QUEUES:
         assert redis.llen(queue) == 0, f"a message was queued on {queue}"
-        assert redis.zcard(f"intake:pending:due:{queue}") == 0
+        for kind in ("due", "flight", "accepted"):  # app/pending.py's sorted sets
+            assert redis.zcard(f"intake:pending:{kind}:{queue}") == 0
     assert row_counts() == (0, 0)
 
 
@@ -270,7 +271,7 @@ def test_accepted_event_is_202_with_the_documented_body_and_is_queued(client, ap
     [event] = record["events"]
     assert event["payload"] == {"event_name": "signup", "event_id": "evt-1", "plan": "pro"}
     assert (event["app_id"], event["event_id"], event["event_name"]) == (app_id, "evt-1", "signup")
-    assert redis.zscore("intake:pending:due:default", body["task_id"]) > time.time()
+    assert redis.zscore("intake:pending:flight:default", body["task_id"]) <= time.time()  # its message pushed
     assert row_counts() == (0, 0), "the API never writes events itself"
 
 
@@ -635,7 +636,7 @@ def test_frozen_broker_that_recovers_stores_nothing_the_client_was_refused(other
     frozen = other_apps({"REDIS_URL": test_environment["REDIS_URL"], "CELERY_BROKER_URL": private_redis.url})
     client = frozen.test_client()
     assert post(client, app_id, key, {"event_name": "warm-up"}).status_code == 202
-    redis.delete(BODIES, "intake:pending:due:default")
+    redis.delete(BODIES, *(f"intake:pending:{kind}:default" for kind in ("due", "flight", "accepted")))
     private_redis.proc.send_signal(signal.SIGSTOP)  # alive, but answers nothing
     try:
         assert_503_fast(client, app_id, key)

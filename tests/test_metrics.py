@@ -85,6 +85,10 @@ def test_ingestion_counters_routes_and_queue_depth(stack, make_app):
     assert value(text, "intake_queue_depth", queue="default") >= 1
     assert value(text, "intake_queue_depth", queue="emails") == 0
     assert value(text, "intake_broker_up") == 1
+    # The pending store, read at scrape time: the groups are accepted and not yet stored.
+    assert value(text, "intake_pending_groups", queue="batch_processing") == 1
+    assert value(text, "intake_pending_groups", queue="default") >= 1
+    assert 0 < value(text, "intake_pending_oldest_seconds", queue="default") < 60
 
 
 def test_worker_exports_task_metrics_on_its_own_port(stack, make_app, test_environment, tmp_path):

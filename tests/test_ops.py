@@ -114,3 +114,22 @@ def test_ready_checks_the_folder_of_the_filesystem_broker(tmp_path):
     response = client.get("/ready")
     assert response.status_code == 503
     assert response.get_json()["error"]["details"][0]["path"] == "/broker"
+
+
+def test_ready_warns_when_a_message_found_no_pending_record(client, app):
+    pending = app.extensions["intake.pending"]
+    assert "warnings" not in client.get("/ready").get_json() or not any(
+        "pending store" in w for w in client.get("/ready").get_json()["warnings"])
+    pending.note_missing("default", "g-gone")
+    response = client.get("/ready")
+    assert response.status_code == 200
+    [warning] = [w for w in response.get_json()["warnings"] if w.startswith("pending store")]
+    assert "g-gone" in warning and "lost data" in warning
+
+
+def test_ready_warns_on_the_embedded_default_too(tmp_path):
+    app = isolated_app({"CELERY_BROKER_URL": "filesystem://", "BROKER_FOLDER": str(tmp_path / "broker"),
+                        "REDIS_URL": None, "PENDING_FOLDER": str(tmp_path / "pending")})
+    app.extensions["intake.pending"].note_missing("batch_processing", "g-gone")
+    body = app.test_client().get("/ready").get_json()
+    assert body["broker"] == "ok" and "g-gone" in body["warnings"][0]

@@ -212,8 +212,21 @@ def test_duplicate_delivery_is_reported_and_stores_nothing_more(ctx, app_id, pen
     pending.put("default", "g-dup", [make_event(app_id, event_id="once")])
     assert events.persist_pending("default", "g-dup") == "stored"
     assert events.persist_pending("default", "g-dup") == "duplicate"
-    assert events.persist_pending("default", "never-existed") == "duplicate"
     assert stored_ids(app_id) == ["once"]
+
+
+def test_a_missing_record_is_not_a_duplicate_but_loud(ctx, app_id, pending, redis, caplog):
+    from app import metrics
+
+    before = metrics.PENDING_MISSING.labels("default")._value.get()
+    # The record and its tombstone are gone: as after a Redis restarted without persistence.
+    pending.put("default", "g-lost", [make_event(app_id, event_id="lost")])
+    redis.flushdb()
+    assert events.persist_pending("default", "g-lost") == "missing"
+    assert metrics.PENDING_MISSING.labels("default")._value.get() == before + 1
+    [line] = [r for r in caplog.records if "g-lost" in r.getMessage()]
+    assert line.levelname == "ERROR" and "missing" in line.getMessage()
+    assert "g-lost" in pending.warnings()[0]
 
 
 def test_redelivering_a_group_whose_events_are_stored_adds_no_rows(ctx, app_id, pending):
@@ -235,30 +248,150 @@ def test_retry_delay_is_exponential_capped_and_jittered():
 # --- redelivery of overdue records --------------------------------------------------------
 
 
-def queued_ids(redis, queue):
-    return [json.loads(base64.b64decode(json.loads(m)["body"]))[0][0] for m in redis.lrange(queue, 0, -1)]
+def queued_ids(redis, queue, last=-1):
+    return [json.loads(base64.b64decode(json.loads(m)["body"]))[0][0] for m in redis.lrange(queue, 0, last)]
 
 
-def test_redeliver_overdue_publishes_only_overdue_records(ctx, app, app_id, pending, redis):
-    publisher = app.extensions["intake.publisher"]
+def sweep(app):
+    from app import redelivery
+
+    return redelivery.sweep_app(app)
+
+
+def test_the_sweep_publishes_only_lost_messages(ctx, app, app_id, pending, redis):
     for queue in ("default", "batch_processing"):
-        pending.put(queue, f"{queue}-overdue", [make_event(app_id)])
-        pending.put(queue, f"{queue}-not-due", [make_event(app_id)])
-        redis.zadd(f"intake:pending:due:{queue}", {f"{queue}-overdue": time.time() - 1})
+        pending.put(queue, f"{queue}-lost", [make_event(app_id)])
+        pending.put(queue, f"{queue}-queued", [make_event(app_id)])
+        # A worker took a message pushed after "-lost" a lease ago: "-lost" was popped and its worker died.
+        redis.zadd(f"intake:pending:flight:{queue}", {f"{queue}-lost": time.time() - 60})
+        redis.hset(f"intake:pending:progress:{queue}", mapping={"pushed": time.time() - 30, "at": time.time()})
+        redis.lpush(queue, "a message still waiting")
 
-    assert publisher.redeliver_overdue() == 2
-    assert queued_ids(redis, "default") == ["default-overdue"]
-    assert queued_ids(redis, "batch_processing") == ["batch_processing-overdue"]
-    # Claimed: pushed forward by INGEST_REDELIVER_AFTER, so the next sweep does not publish it again.
-    assert due(redis, "default", "default-overdue") > time.time() + app.config["INGEST_REDELIVER_AFTER"] - 2
-    assert publisher.redeliver_overdue() == 0
-    assert redis.llen("default") == 1 and redis.llen("batch_processing") == 1
+    assert sweep(app) == 2
+    assert queued_ids(redis, "default", last=0) == ["default-lost"]  # the newest message
+    assert queued_ids(redis, "batch_processing", last=0) == ["batch_processing-lost"]
+    assert sweep(app) == 0, "claimed once: its new message is in flight"
+    assert redis.llen("default") == 2 and redis.llen("batch_processing") == 2
 
 
 def test_a_rescheduled_retry_is_redelivered_when_due(ctx, app, app_id, pending, redis):
     pending.put("default", "g-retry", [poison(app_id)])
     assert events.persist_pending("default", "g-retry") == "retry"
-    publisher = app.extensions["intake.publisher"]
     time.sleep(app.config["PERSIST_RETRY_BACKOFF"] * 1.2 + 0.05)
-    assert publisher.redeliver_overdue() == 1
+    assert sweep(app) == 1
     assert queued_ids(redis, "default") == ["g-retry"]
+
+
+# --- a group that kills its process ---------------------------------------------------------
+
+
+def test_a_group_that_kills_its_process_is_split_until_the_killer_fails_alone(ctx, app_id, pending, caplog):
+    from app.pending import MAX_DELIVERIES
+
+    group = [make_event(app_id, event_id=f"k-{i}") for i in range(4)]
+    pending.put("default", "g-kill", group)
+    for _ in range(MAX_DELIVERIES):
+        pending.take("default", "g-kill")  # each delivery took the group and its process died mid-write
+    assert events.persist_pending("default", "g-kill") == "split"
+    assert stored_ids(app_id) == [], "a suspected killer is not written again"
+    assert [e["event_id"] for e in pending.load("default", "g-kill.0")["events"]] == ["k-0", "k-1"]
+
+    # "k-3" is the killer: the half without it is stored; the half with it dies once more, splits again.
+    assert events.persist_pending("default", "g-kill.0") == "stored"
+    pending.take("default", "g-kill.1")
+    assert events.persist_pending("default", "g-kill.1") == "split"
+    assert events.persist_pending("default", "g-kill.1.0") == "stored"
+    pending.take("default", "g-kill.1.1")
+    assert events.persist_pending("default", "g-kill.1.1") == "failed"
+    assert stored_ids(app_id) == ["k-0", "k-1", "k-2"]
+    [(event_id, error, _, _)] = failed_rows(app_id)
+    assert event_id == "k-3" and "ended the worker process" in error
+    assert pending.load("default", "g-kill.1.1") is None
+    assert events.persist_pending("default", "g-kill") == "duplicate"
+
+
+# --- transient or data error, by SQLSTATE --------------------------------------------------------
+
+
+def pg_error(query, *setup):
+    import psycopg2
+
+    from tests.conftest import DATABASE_URL
+
+    conn = psycopg2.connect(DATABASE_URL)
+    try:
+        cursor = conn.cursor()
+        for statement in setup:
+            cursor.execute(statement)
+        cursor.execute(query)
+    except psycopg2.Error as error:
+        return error
+    finally:
+        conn.close()
+    raise AssertionError(f"{query} did not fail")
+
+
+def coded(pgcode):
+    return type("FakeError", (Exception,), {"pgcode": pgcode})()
+
+
+def test_errors_are_classified_by_sqlstate(ctx):
+    kind = events.database_error_kind
+    assert kind(pg_error("SELECT * FROM no_such_table")) == "schema"  # 42P01
+    assert kind(pg_error("SELECT no_such_column FROM events")) == "schema"  # 42703
+    assert kind(pg_error("SELECT 1 / 0")) == "data"  # 22012
+    assert kind(pg_error("SELECT pg_sleep(1)", "SET statement_timeout = 10")) == "data"  # 57014: splits
+    for code in ("08006", "08001", "57P01", "57P02", "57P03", "53100", "53200", "40001", "40P01"):
+        assert kind(coded(code)) == "unavailable", code
+    for code in ("23505", "22P02", "22021", "57014"):
+        assert kind(coded(code)) == "data", code
+
+
+def test_errors_are_classified_on_sqlite():
+    import sqlite3
+
+    connection = sqlite3.connect(":memory:")
+    connection.execute("CREATE TABLE t (x INTEGER NOT NULL)")
+    def error_of(statement):
+        try:
+            connection.execute(statement)
+        except sqlite3.Error as error:
+            return error
+    locked = sqlite3.OperationalError("database is locked")
+    locked.sqlite_errorcode = 5
+    assert events.database_error_kind(locked) == "unavailable"
+    assert events.database_error_kind(error_of("SELECT * FROM nowhere")) == "schema"
+    assert events.database_error_kind(error_of("INSERT INTO t VALUES (NULL)")) == "data"
+
+
+def test_a_statement_timeout_splits_like_bad_data(ctx, app_id, monkeypatch):
+    error = pg_error("SELECT pg_sleep(1)", "SET statement_timeout = 10")
+    real_insert = events.insert_events
+
+    def insert(group):
+        if any(e["event_id"] == "slow" for e in group):
+            raise error
+        real_insert(group)
+
+    monkeypatch.setattr(events, "insert_events", insert)
+    failures = events.store_events([make_event(app_id, event_id=i) for i in ("a", "slow", "b")])
+    assert [(e["event_id"], message.split(":")[0]) for e, message in failures] == [("slow", "QueryCanceled [57014]")]
+    assert stored_ids(app_id) == ["a", "b"]
+
+
+def test_a_schema_mismatch_waits_loudly_and_never_dead_letters(ctx, app, app_id, pending, caplog):
+    from app import metrics
+
+    before = metrics.DATABASE_ERRORS.labels("schema")._value.get()
+    pending.put("default", "g-deploy", [make_event(app_id, event_id="d-1")])
+    sql("ALTER TABLE events RENAME COLUMN validation TO validation_v2")  # a deploy half done
+    try:
+        for _ in range(app.config["PERSIST_MAX_RETRIES"] + 2):
+            assert events.persist_pending("default", "g-deploy") == "retry"
+    finally:
+        sql("ALTER TABLE events RENAME COLUMN validation_v2 TO validation")
+    assert failed_rows(app_id) == []
+    assert metrics.DATABASE_ERRORS.labels("schema")._value.get() == before + app.config["PERSIST_MAX_RETRIES"] + 2
+    assert any(r.levelname == "ERROR" and "schema mismatch" in r.getMessage() for r in caplog.records)
+    assert events.persist_pending("default", "g-deploy") == "stored"
+    assert stored_ids(app_id) == ["d-1"]

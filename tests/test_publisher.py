@@ -161,3 +161,40 @@ def test_a_batch_larger_than_the_cap_travels_alone(app, redis):
                               max_events=10, timeout=5)
         task_id = publisher.wait(publisher.submit_batch([{"app_id": "a", "event_id": str(i)} for i in range(30)]))
     assert len(json.loads(redis.hget(BODIES, task_id))["events"]) == 30
+
+
+# --- supervision ---------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_publisher_thread_that_dies_is_started_again(app, redis, monkeypatch, caplog):
+    from app.publisher import Publisher
+
+    with app.app_context():
+        publisher = Publisher(app.extensions["celery"], app.extensions["intake.pending"], window_ms=2,
+                              max_events=500, timeout=2)
+        assert publisher.wait(publisher.submit({"app_id": "a", "event_id": "before"}))
+        thread = publisher._threads["default"]
+
+        def die(*args):
+            raise SystemExit  # what no `except Exception` catches: the thread ends
+        monkeypatch.setattr(publisher, "_next_group", die)
+        publisher.submit({"app_id": "a", "event_id": "lost-with-the-thread"})
+        thread.join(5)
+        assert not thread.is_alive() and not publisher.threads_alive()
+        monkeypatch.undo()
+
+        task_id = publisher.wait(publisher.submit({"app_id": "a", "event_id": "after"}))
+        assert publisher.threads_alive() and publisher._threads["default"] is not thread
+    assert "after" in redis.hget(BODIES, task_id).decode()
+    assert any(r.levelname == "ERROR" and "had died" in r.getMessage() for r in caplog.records)
+
+
+def test_an_unexpected_error_fails_the_requests_in_hand_and_the_thread_goes_on(slow_window, monkeypatch):
+    real = slow_window._publish_for
+    monkeypatch.setattr(slow_window, "_publish_for", lambda *args: 1 / 0)
+    [outcome] = submit_all(slow_window, 1)
+    assert isinstance(outcome, QueueUnavailable)
+    monkeypatch.setattr(slow_window, "_publish_for", real)
+    assert isinstance(submit_all(slow_window, 1)[0], str)
+    assert slow_window.threads_alive()
