@@ -1,4 +1,4 @@
-"""POST /api/logs/<app_id>[/batch]: load → check → publish → 202; and the status look-up."""
+"""POST /api/logs/<app_id>[/batch]: load → check → publish → 202; the status look-up."""
 from datetime import datetime, timezone
 
 from flask import Blueprint, current_app, g, request
@@ -68,22 +68,40 @@ def ingest_batch(app_id):
     items = _batch_items(checks.parse_json(body), config["INGEST_MAX_BATCH_EVENTS"])
     g.ingest_events = len(items)  # a refusal from here on refuses this many events (metrics)
     limits.charge_app(entry.id, len(items))
+    accepted, rejected, task_id = queue_batch(items, _batch_event_check(entry, config, len(body)))
+    result = {"accepted": len(accepted), "event_ids": [e["event_id"] for e in accepted], "rejected": rejected}
+    if not accepted:
+        error = {"code": "validation_failed", "message": "No event in the batch was accepted; see rejected."}
+        return {"error": error, "status": "rejected", **result, "task_id": None}, 422
+    return {"status": "accepted", **result, "task_id": task_id}, 202
+
+
+def _batch_event_check(entry: AppEntry, config, body_bytes: int):
+    """The check of one batch item: the event limit (when the body could exceed it), then check_event."""
     # No single event can exceed the event limit when the whole body fits in it.
-    measure_events = len(body) > config["INGEST_MAX_EVENT_BYTES"]
+    measure_events = body_bytes > config["INGEST_MAX_EVENT_BYTES"]
+    event_limit, max_depth = config["INGEST_MAX_EVENT_BYTES"], config["INGEST_MAX_DEPTH"]
     received_at = datetime.now(timezone.utc)
+
+    def check(item) -> dict:
+        if measure_events:
+            checks.check_event_size(item, event_limit)
+        return checks.check_event(entry, item, max_depth=max_depth, received_at=received_at)
+
+    return check
+
+
+def queue_batch(items: list, check) -> tuple[list[dict], list[dict], str | None]:
+    """Check each item; queue the accepted events as one batch on batch_processing; (accepted, rejected, task id)."""
     accepted, rejected = [], []
     for index, item in enumerate(items):
         try:
-            if measure_events:
-                checks.check_event_size(item, config["INGEST_MAX_EVENT_BYTES"])
-            accepted.append(checks.check_event(entry, item, max_depth=config["INGEST_MAX_DEPTH"], received_at=received_at))
+            accepted.append(check(item))
         except ApiError as error:
             rejected.append({"index": index, **error.to_dict()})
-    result = {"accepted": len(accepted), "event_ids": [e["event_id"] for e in accepted], "rejected": rejected}
     if not accepted:
         metrics.count_batch(0, rejected)
-        error = {"code": "validation_failed", "message": "No event in the batch was accepted; see rejected."}
-        return {"error": error, "status": "rejected", **result, "task_id": None}, 422
+        return accepted, rejected, None
     # Bounded like a single event: a broker that hangs (not refuses) must still give a 503 in time.
     publisher = get_publisher()
     try:
@@ -91,7 +109,7 @@ def ingest_batch(app_id):
     except QueueUnavailable:
         raise queue_unavailable() from None
     metrics.count_batch(len(accepted), rejected)
-    return {"status": "accepted", **result, "task_id": task_id}, 202
+    return accepted, rejected, task_id
 
 
 @bp.get("/<app_id>/events/<event_id>")
@@ -101,3 +119,4 @@ def event_status(app_id, event_id):
     if status is None:
         raise ApiError(404, "event_not_found", "No such event is stored yet: it is still queued, or was never accepted.")
     return status
+
