@@ -32,10 +32,12 @@ def create_app(config: dict | None = None) -> Flask:
 
     from app import cli, errors, limits, logs, metrics, tasks  # noqa: F401  (tasks register themselves with Celery)
     from app.ingest.views import bp as ingest_bp
+    from app.ingest.views import otlp_bp
     from app.ops import bp as ops_bp
 
     app.register_blueprint(ops_bp)
     app.register_blueprint(ingest_bp)
+    app.register_blueprint(otlp_bp)
     errors.register_error_handlers(app)
     cli.register_commands(app)
     logs.init_app(app)
