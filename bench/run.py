@@ -60,7 +60,7 @@ TARGETS = {
 }
 # The OTLP phase's records carry this placeholder in their "bench.id" attribute; otlp.lua
 # replaces it with a unique id of the same width (see there).
-OTLP_ID_PLACEHOLDER = "Z" * 40
+OTLP_ID_PLACEHOLDER = "Z" * 24
 
 
 def log(message: str) -> None:

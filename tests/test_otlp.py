@@ -239,7 +239,7 @@ def test_missing_times_ids_body_and_scope_are_null_and_the_id_is_random():
     assert event["scope"] == {"name": None, "version": None}
     # The observed time stands in for the time.
     event, event_id = mapped(record(time_unix_nano=0, observed_time_unix_nano=1_700_000_000_000_000_000))
-    assert event["timestamp"] == "2023-11-14T22:13:20+00:00" and event_id
+    assert event["timestamp"] == "2023-11-14T22:13:20.000000+00:00" and event_id
 
 
 def test_the_event_id_is_a_hash_of_the_payload():

@@ -19,6 +19,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest, ExportLogsServiceResponse
 
 from app.errors import ApiError
+from app.ingest import checks
 from app.ingest.checks import LEVELS
 
 PROTOBUF = "application/x-protobuf"
@@ -131,29 +132,34 @@ def log_records(export: ExportLogsServiceRequest) -> list[tuple]:
 # --- one record, one event ------------------------------------------------------------
 
 class RecordMapper:
-    """Maps log records to events (the contract's table); resources are converted once per request."""
+    """Maps log records to events (the contract's table); resources and scopes are converted once per request."""
 
     def __init__(self, max_depth: int):
         self.max_depth = max_depth
-        self._resources = {}  # id(Resource) -> its attributes, or the ApiError that refuses its records
+        self._converted = {}  # id(Resource or scope) -> its JSON, or the ApiError that refuses its records
+        self._second, self._second_text = None, ""
 
     def event(self, item: tuple) -> tuple[dict, str | None, bytes]:
         """(the event for the rules, its event_id or None for a random one, the payload's canonical JSON)."""
         resource, scope, record = item
         payload = {
             "body": self._value(record.body, self.max_depth) if record.HasField("body") else None,
-            "attributes": self._attributes(record.attributes),
-            "resource": self._resource(resource),
-            "scope": {"name": _text(scope.name) or None, "version": _text(scope.version) or None},
+            "attributes": self._attributes(record.attributes, self.max_depth),
+            "resource": self._once(resource, self._resource),
+            "scope": self._once(scope, _scope),
             "trace_id": record.trace_id.hex() or None,
             "span_id": record.span_id.hex() or None,
-            "severity_text": _text(record.severity_text) or None,
+            "severity_text": record.severity_text or None,
             "severity_number": record.severity_number,
             "time_unix_nano": record.time_unix_nano or None,
             "observed_time_unix_nano": record.observed_time_unix_nano or None,
             "flags": record.flags,
         }
         canonical = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
+        # One look for NUL in every string and key at once: orjson writes it as \u0000. (An
+        # escaped backslash before "u0000" matches too; parse_json then looks closer.)
+        if b"\\u0000" in canonical:
+            checks.parse_json(canonical)
         nanos = record.time_unix_nano or record.observed_time_unix_nano
         # Never the time received: a retried export must give the same id. Without either
         # time nothing tells two identical records apart, so such records are not deduplicated.
@@ -163,33 +169,44 @@ class RecordMapper:
         event["event_name"] = _event_name(record, attributes)
         event["level"] = _level(record.severity_number, payload["severity_text"])
         if nanos:
-            event["timestamp"] = _iso(nanos)
+            event["timestamp"] = self._iso(nanos)
         user_id = _user_id(attributes)
         if user_id is not None:
             event["user_id"] = user_id
         return event, event_id, canonical
 
-    def _resource(self, resource) -> dict:
-        key = id(resource)
-        converted = self._resources.get(key)
+    def _once(self, message, convert):
+        # Every record of a ResourceLogs (ScopeLogs) shares its resource (scope): convert it once.
+        converted = self._converted.get(id(message))
         if converted is None:
             try:
-                converted = self._attributes(resource.attributes)
+                converted = convert(message)
             except ApiError as error:
                 converted = error
-            self._resources[key] = converted
+            self._converted[id(message)] = converted
         if isinstance(converted, ApiError):
             raise converted
         return converted
 
-    def _attributes(self, key_values) -> dict:
-        return {_text(kv.key): self._value(kv.value, self.max_depth) for kv in key_values}
+    def _resource(self, resource) -> dict:
+        return self._attributes(resource.attributes, self.max_depth)
+
+    def _attributes(self, key_values, levels_left: int) -> dict:
+        attributes = {}
+        for kv in key_values:
+            value = kv.value
+            # Most attribute values are strings: no call for them.
+            if value.WhichOneof("value") == "string_value":
+                attributes[kv.key] = value.string_value
+            else:
+                attributes[kv.key] = self._value(value, levels_left)
+        return attributes
 
     def _value(self, value, levels_left: int):
         """An AnyValue as plain JSON; arrays and kvlists may nest `levels_left` levels deep."""
         kind = value.WhichOneof("value")
         if kind == "string_value":
-            return _text(value.string_value)
+            return value.string_value
         if kind == "int_value" or kind == "bool_value":
             return getattr(value, kind)
         if kind == "double_value":
@@ -206,7 +223,19 @@ class RecordMapper:
                            f"The body or an attribute value is nested more than {self.max_depth} levels deep.")
         if kind == "array_value":
             return [self._value(item, levels_left - 1) for item in value.array_value.values]
-        return {_text(kv.key): self._value(kv.value, levels_left - 1) for kv in value.kvlist_value.values}
+        return self._attributes(value.kvlist_value.values, levels_left - 1)
+
+    def _iso(self, nanos: int) -> str:
+        """The time as ISO 8601 in UTC, to the microsecond; the records of an export mostly share their second."""
+        seconds, rest = divmod(nanos, 1_000_000_000)
+        if seconds != self._second:
+            moment = datetime.fromtimestamp(seconds, tz=timezone.utc)
+            self._second, self._second_text = seconds, moment.strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._second_text}.{rest // 1000:06d}+00:00"
+
+
+def _scope(scope) -> dict:
+    return {"name": scope.name or None, "version": scope.version or None}
 
 
 def _text(text: str) -> str:
@@ -241,11 +270,6 @@ def _user_id(attributes: dict):
         if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
             return value
     return None
-
-
-def _iso(nanos: int) -> str:
-    seconds, rest = divmod(nanos, 1_000_000_000)
-    return datetime.fromtimestamp(seconds, tz=timezone.utc).replace(microsecond=rest // 1000).isoformat()
 
 
 # --- answers --------------------------------------------------------------------------
