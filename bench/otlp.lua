@@ -26,6 +26,7 @@ function request()
    local body = string.gsub(template, placeholder, function()
       index = index + 1
       local id = stem .. "-" .. index
+      assert(#id <= #placeholder, "an id is wider than the placeholder: widen OTLP_ID_PLACEHOLDER in run.py")
       return id .. string.rep("_", #placeholder - #id)
    end)
    return wrk.format("POST", nil, nil, body)

@@ -258,10 +258,15 @@ def test_nan_and_infinite_doubles_refuse_the_record(bad):
 
 
 def test_nul_in_any_string_refuses_the_record():
-    for log_record in (record(body="a\x00b"), record(attributes={"k\x00": 1}), record(severity_text="\x00")):
+    for log_record in (record(body="a\x00b"), record(attributes={"k\x00": 1}), record(severity_text="\x00"),
+                       record(attributes={"m": {"k": ["\x00"]}}), record(event_name="e\x00"),
+                       record(attributes={"user.id": "u\x00"})):
         with pytest.raises(otlp.ApiError) as refused:
             mapped(log_record)
         assert refused.value.code == "invalid_json"
+    assert mapped(record(body="a backslash: \\u0000 is text"))[0]["body"] == "a backslash: \\u0000 is text"
+    with pytest.raises(otlp.ApiError):
+        mapped(record(body=None), resource={"service.name": "\x00"})
 
 
 def nested_value(depth):
