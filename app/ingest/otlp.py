@@ -31,7 +31,6 @@ WRAPPER_DEPTH = 2
 # How many refused records the partialSuccess message names.
 REASONS_NAMED = 3
 EVENT_ID_PREFIX = "otlp-"
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
 # severityNumber ranges (OTel log data model): 1-4 TRACE, 5-8 DEBUG, 9-12 INFO, 13-16 WARN, 17-20 ERROR, 21-24 FATAL.
 SEVERITY_LEVELS = ("debug",) * 8 + ("info",) * 4 + ("warning",) * 4 + ("error",) * 4 + ("critical",) * 4
