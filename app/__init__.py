@@ -1,11 +1,11 @@
 """Intake: an event and log ingestion service."""
 from flask import Flask
 
+from app import redelivery
 from app.config import PROJECT_ROOT, Config
 from app.extensions import api, celery_init_app, db, jwt, migrate
 from app.pending import pending_store_from_config
 from app.publisher import Publisher
-from app import redelivery
 from app.rules import RulesCache
 
 
@@ -33,15 +33,16 @@ def create_app(config: dict | None = None) -> Flask:
         timeout=app.config["INGEST_PUBLISH_TIMEOUT"],
     )
 
-    from app import cli, errors, limits, logs, metrics, tasks  # noqa: F401  (tasks register themselves with Celery)
-    from app import accounts, openapi
+    # tasks register themselves with Celery
+    from app import accounts, cli, errors, invalidation, limits, logs, metrics, openapi, tasks  # noqa: F401
     from app.ingest.views import bp as ingest_bp
-    from app.ops import bp as ops_bp
-    from app import invalidation
+    from app.ingest.views import otlp_bp
     from app.manage.views import BLUEPRINTS as manage_blueprints
+    from app.ops import bp as ops_bp
 
     app.register_blueprint(ops_bp)
     app.register_blueprint(ingest_bp)
+    app.register_blueprint(otlp_bp)
     openapi.init_app(app)
     accounts.init_app(app)
     for blueprint in manage_blueprints:

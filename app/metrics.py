@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 QUEUES = ("default", "emails", "batch_processing")
 UNMATCHED_ROUTE = "<unmatched>"
-INGEST_ENDPOINTS = frozenset({"ingest.ingest_event", "ingest.ingest_batch"})
+INGEST_ENDPOINTS = frozenset({"ingest.ingest_event", "ingest.ingest_batch", "otlp.export_logs"})
 # Any other method is one label value, so that odd requests cannot add series without bound.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

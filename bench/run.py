@@ -8,6 +8,7 @@ number, then measures in turn:
   health  GET /health                          the HTTP ceiling of this gunicorn
   single  POST /api/logs/<app_id>              1 event per request, accepted/s, latency, end to end
   batch   POST /api/logs/<app_id>/batch        100 events per request, likewise
+  otlp    POST /api/otlp/<app_id>/v1/logs      100 OTLP log records per request (protobuf), likewise
   copy    COPY of as many similar rows into a scratch table shaped like `events`
           (the database ceiling)
 
@@ -55,7 +56,11 @@ TARGETS = {
     "batch_e2e_over_copy": {"target": 0.5, "minimum": 0.35},
     "single_p99_ms": {"target_max": 25.0},
     "api_worker_peak_rss_mb": {"target_max": 150.0},
+    "otlp_e2e_over_batch_e2e": {"target": 0.8},
 }
+# The OTLP phase's records carry this placeholder in their "bench.id" attribute; otlp.lua
+# replaces it with a unique id of the same width (see there).
+OTLP_ID_PLACEHOLDER = "Z" * 24
 
 
 def log(message: str) -> None:
@@ -596,7 +601,7 @@ class Bench:
     # ----- wrk
 
     def wrk(self, script, path, duration, *, prefix="-", event_name="bench", per_request=1, expected=200,
-            api_key="-", ids_dir="-", deadline=None, grace=0, watch=None):
+            api_key="-", ids_dir="-", deadline=None, grace=0, watch=None, extra_args=()):
         """Run wrk for `duration` (+ `grace`) seconds and return its result.
 
         With `deadline` (epoch seconds) the Lua script sends no request after it, and wrk
@@ -605,7 +610,7 @@ class Bench:
         args = ["wrk", "-t", str(self.args.threads), "-c", str(self.args.connections),
                 "-d", f"{duration + grace}s", "--timeout", "10s", "-s", str(BENCH / script), self.base_url + path,
                 "--", api_key, prefix, str(ids_dir), str(per_request), event_name, str(expected),
-                "-" if deadline is None else f"{deadline:.6f}"]
+                "-" if deadline is None else f"{deadline:.6f}", *extra_args]
         children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
             self.wrk_proc = subprocess.Popen(args, stdout=out, stderr=err, text=True, start_new_session=True)
@@ -642,6 +647,10 @@ class Bench:
             result, _ = self.wrk(script, f"/api/logs/{self.app_id}{path}", seconds, prefix=f"warm{per_request}",
                                  event_name=name, per_request=per_request, expected=202, api_key=self.api_key)
             accepted += result["acked_events"]
+        result, _ = self.wrk("otlp.lua", f"/api/otlp/{self.app_id}/v1/logs", seconds, prefix="warmo",
+                             event_name=name, per_request=self.args.batch_size, expected=200, api_key=self.api_key,
+                             extra_args=self.otlp_template(name))
+        accepted += result["ok"] * self.args.batch_size
         self.wrk("health.lua", "/health", min(seconds, 1))
         _, drained = self.wait_drained(cur, name, accepted, self.args.drain_timeout)
         log(f"warm-up: {accepted} events {'drained' if drained else 'NOT drained'}")
@@ -660,11 +669,40 @@ class Bench:
                 "api_cpu_ms_per_request": 1000 * cpu.get("api_worker", 0) / max(result["ok"], 1),
                 "cpu_s": cpu}
 
+    def otlp_template(self, event_name) -> tuple[str, str]:
+        """otlp.lua's arguments: a file holding one protobuf export of --batch-size records, and the placeholder."""
+        from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+
+        def attributes(values):
+            kinds = {str: "string_value", bool: "bool_value", int: "int_value"}
+            return [{"key": key, "value": {kinds[type(value)]: value} if not isinstance(value, list) else
+                     {"array_value": {"values": [{"string_value": item} for item in value]}}}
+                    for key, value in values.items()]
+
+        now = time.time_ns()
+        records = [{"time_unix_nano": now, "severity_number": 9, "severity_text": "INFO", "event_name": event_name,
+                    "body": {"string_value": "signup button clicked"},
+                    "attributes": attributes({"bench.id": OTLP_ID_PLACEHOLDER, "user.id": f"u{n % 1000}",
+                                              "session": f"s{n % 97}", "page": "/pricing", "button": "signup",
+                                              "ms": n % 500, "ok": True, "tags": ["a", "b"]})}
+                   for n in range(self.args.batch_size)]
+        request = ExportLogsServiceRequest(resource_logs=[{
+            "resource": {"attributes": attributes({"service.name": "bench", "host.name": "bench-host"})},
+            "scope_logs": [{"scope": {"name": "bench", "version": "1.0"}, "log_records": records}]}])
+        path = self.tmp / f"otlp-{event_name}.pb"
+        path.write_bytes(request.SerializeToString())
+        return str(path), OTLP_ID_PLACEHOLDER
+
     def phase_ingest(self, cur, kind, repeat):
         per_request = 1 if kind == "single" else self.args.batch_size
-        script = "single.lua" if kind == "single" else "batch.lua"
-        path = f"/api/logs/{self.app_id}" + ("" if kind == "single" else "/batch")
+        script = {"single": "single.lua", "batch": "batch.lua", "otlp": "otlp.lua"}[kind]
+        path = {"single": f"/api/logs/{self.app_id}", "batch": f"/api/logs/{self.app_id}/batch",
+                "otlp": f"/api/otlp/{self.app_id}/v1/logs"}[kind]
         name = f"bench.{kind}.r{repeat}"
+        # OTLP answers 200 with an empty body: no event ids come back, so its records are
+        # counted, and checked by their unique bench.id, instead.
+        expected = 200 if kind == "otlp" else 202
+        extra_args = self.otlp_template(name) if kind == "otlp" else ()
         ids_dir = self.tmp / f"ids-{kind}-{repeat}"
         ids_dir.mkdir()
         queue = "default" if kind == "single" else "batch_processing"
@@ -688,8 +726,8 @@ class Bench:
                 seen["empty_at"] = None
 
         result, _ = self.wrk(script, path, self.args.duration, prefix=f"{kind[0]}{repeat}", event_name=name,
-                             per_request=per_request, expected=202, api_key=self.api_key, ids_dir=ids_dir,
-                             deadline=deadline, grace=self.args.grace, watch=watch)
+                             per_request=per_request, expected=expected, api_key=self.api_key, ids_dir=ids_dir,
+                             deadline=deadline, grace=self.args.grace, watch=watch, extra_args=extra_args)
         wrk_cpu_s = self.last_wrk_cpu_s
         if seen["load_end"] is None:
             watch()
@@ -734,6 +772,14 @@ class Bench:
         duplicated_rows = stored_rows - len(stored_set)  # same event_id stored twice
         acked_twice = len(acked_ids) - len(acked_set)  # same event_id acknowledged twice
         unacknowledged_stored = len(stored_set - acked_set)  # in flight when wrk stopped
+        if kind == "otlp":
+            # Event ids are hashes of the records: count the distinct records (bench.id) instead.
+            cur.execute("SELECT count(DISTINCT payload->'attributes'->>'bench.id') FROM events"
+                        " WHERE app_id = %s AND event_name = %s", (self.app_id, name))
+            distinct_records = cur.fetchone()[0]
+            lost = max(accepted - distinct_records, 0)
+            duplicated_rows += stored_rows - distinct_records
+            unacknowledged_stored = max(distinct_records - accepted, 0)
 
         figures = {
             "load_s": load_s,
@@ -832,6 +878,8 @@ class Bench:
         self.check_stack()
         figures["batch"] = self.phase_ingest(cur, "batch", repeat)
         self.check_stack()
+        figures["otlp"] = self.phase_ingest(cur, "otlp", repeat)
+        self.check_stack()
         figures["copy"] = self.phase_copy(cur, figures["batch"]["rows_stored_at_drain"])
         figures["ratios"] = ratios(figures)
         return figures
@@ -906,6 +954,8 @@ def ratios(figures):
         "single_accepted_over_health": figures["single"]["accepted_events_per_s"] / health if health else None,
         "batch_e2e_over_copy": figures["batch"]["e2e_events_per_s"] / copy if copy else None,
         "batch_accepted_over_copy": figures["batch"]["accepted_events_per_s"] / copy if copy else None,
+        "otlp_e2e_over_batch_e2e": (figures["otlp"]["e2e_events_per_s"] / figures["batch"]["e2e_events_per_s"]
+                                    if figures["batch"]["e2e_events_per_s"] else None),
     }
 
 
@@ -953,6 +1003,7 @@ def verdicts(result):
     batch_ratio = result["ratios"]["batch_e2e_over_copy"]
     p99 = result["single"]["p99_ms"]
     api_rss = result["rss"].get("api_worker_peak_rss_mb")
+    otlp_ratio = result["ratios"]["otlp_e2e_over_batch_e2e"]
     return {
         "single_e2e_over_health": {"value": single_ratio, **TARGETS["single_e2e_over_health"],
                                    "meets_target": single_ratio >= 0.5, "meets_minimum": single_ratio >= 0.3},
@@ -961,6 +1012,8 @@ def verdicts(result):
         "single_p99_ms": {"value": p99, **TARGETS["single_p99_ms"], "meets_target": p99 <= 25.0},
         "api_worker_peak_rss_mb": {"value": api_rss, **TARGETS["api_worker_peak_rss_mb"],
                                    "meets_target": api_rss is not None and api_rss <= 150.0},
+        "otlp_e2e_over_batch_e2e": {"value": otlp_ratio, **TARGETS["otlp_e2e_over_batch_e2e"],
+                                    "meets_target": otlp_ratio is not None and otlp_ratio >= 0.8},
     }
 
 
@@ -1049,7 +1102,7 @@ def main(argv=None):
 
     summary = median_of(runs)
     summary["ratios"] = median_of([run["ratios"] for run in runs])
-    single, batch = summary["single"], summary["batch"]
+    single, batch, otlp = summary["single"], summary["batch"], summary["otlp"]
     result = {
         "bench": "intake ingestion",
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -1061,7 +1114,8 @@ def main(argv=None):
                     # each load ran: above ~0.2 the figures are noisy; compare ratios, not absolutes.
                     "foreign_load_cores": {"health": summary["health"]["cpu_s"]["foreign_cores"],
                                            "single": single["cpu_s_load"]["foreign_cores"],
-                                           "batch": batch["cpu_s_load"]["foreign_cores"]}},
+                                           "batch": batch["cpu_s_load"]["foreign_cores"],
+                                           "otlp": otlp["cpu_s_load"]["foreign_cores"]}},
         "config": {"duration_s": args.duration, "connections": args.connections, "wrk_threads": args.threads,
                    "repeat": args.repeat, "batch_size": args.batch_size, "warmup_s": args.warmup,
                    "gunicorn": f"gthread {args.web_workers} workers x {args.web_threads} threads",
@@ -1078,6 +1132,11 @@ def main(argv=None):
         "batch_p50_ms": batch["p50_ms"],
         "batch_p99_ms": batch["p99_ms"],
         "batch_e2e_events_per_s": batch["e2e_events_per_s"],
+        "otlp_requests_per_s": otlp["requests_per_s"],
+        "otlp_accepted_records_per_s": otlp["accepted_events_per_s"],
+        "otlp_p50_ms": otlp["p50_ms"],
+        "otlp_p99_ms": otlp["p99_ms"],
+        "otlp_e2e_records_per_s": otlp["e2e_events_per_s"],
         "copy_rows_per_s": summary["copy"]["rows_per_s"],
         "ratios": summary["ratios"],
         # Where the CPU goes (ms of CPU per event; /health: per request) and group commit.
@@ -1087,23 +1146,27 @@ def main(argv=None):
                                  "postgres": single["postgres_cpu_ms_per_event"]},
             "batch_per_event": {"api": batch["api_cpu_ms_per_event"], "workers": batch["worker_cpu_ms_per_event"],
                                 "postgres": batch["postgres_cpu_ms_per_event"]},
+            "otlp_per_record": {"api": otlp["api_cpu_ms_per_event"], "workers": otlp["worker_cpu_ms_per_event"],
+                                "postgres": otlp["postgres_cpu_ms_per_event"]},
         },
         "single_events_per_message": single["events_per_message"],
         "api_worker_peak_rss_mb": rss.get("api_worker_peak_rss_mb"),
         "worker_pool_peak_rss_mb": rss.get("worker_pool_peak_rss_mb"),
         "worker_main_peak_rss_mb": rss.get("worker_main_peak_rss_mb"),
         "worker_rss_flat": rss.get("worker_rss_flat"),
-        "lost": single["lost"] + batch["lost"],
-        "duplicated": single["duplicated"] + batch["duplicated"],
-        "non_202": single["non_202"] + batch["non_202"],
+        "lost": single["lost"] + batch["lost"] + otlp["lost"],
+        "duplicated": single["duplicated"] + batch["duplicated"] + otlp["duplicated"],
+        "non_202": single["non_202"] + batch["non_202"] + otlp["non_202"],  # OTLP: responses other than 200
         # 202 responses x events per request == rows in `events`, in both phases.
         "stored_equals_accepted": (single["count_check_stored_minus_accepted"] == 0
-                                   and batch["count_check_stored_minus_accepted"] == 0),
-        "drained": single["drained"] and batch["drained"],
+                                   and batch["count_check_stored_minus_accepted"] == 0
+                                   and otlp["count_check_stored_minus_accepted"] == 0),
+        "drained": single["drained"] and batch["drained"] and otlp["drained"],
         "targets": None,
         "health": summary["health"],
         "single": single,
         "batch": batch,
+        "otlp": otlp,
         "copy": summary["copy"],
         "rss": rss,
         "runs": runs if args.repeat > 1 else None,
