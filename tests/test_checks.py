@@ -487,7 +487,7 @@ def test_many_gzip_members_past_the_limit_are_413():
     assert checks.read_body(make_request(gzip.compress(b" " * 100) * 10, encoding="gzip"), LIMIT) == b" " * LIMIT
 
 
-@pytest.mark.parametrize("tail", [b"\0", b"garbage", gzip.compress(b"{}")[:-3]])
+@pytest.mark.parametrize("tail", [b"\0", b"garbage", gzip.compress(b"{}", mtime=0)[:-3]])
 def test_a_gzip_member_followed_by_garbage_or_a_cut_member_is_400(tail):
     body = gzip.compress(b"{}") + tail
     error = api_error(checks.read_body, make_request(body, encoding="gzip"), LIMIT)

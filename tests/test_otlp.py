@@ -423,7 +423,7 @@ def test_content_encodings_other_than_gzip_are_415_and_bad_gzip_is_400(client, a
     (JSON, b'{"resourceLogs": [{"scopeLogs": [{"logRecords": [{"body": ' + b'{"arrayValue": {"values": [' * 200
      + b"]}}" * 200 + b"}]}]}]}", "invalid_body"),
     (JSON, b'{"a": "\\ud800"}', "invalid_json"),
-])
+], ids=lambda value: "body" if isinstance(value, bytes) else None)
 def test_a_body_that_cannot_be_decoded_is_400(client, app_key, redis, encoding, raw, code):
     app_id, key = app_key
     status_of(post(client, app_id, key, encoding=encoding, raw=raw), 400, code, code_pb2.INVALID_ARGUMENT, encoding)
