@@ -221,7 +221,9 @@ def test_listings_are_index_scans(app):
             assert found and {node for node, _ in found} == {"Index Scan"}, (filters, found)
             with db.engine.connect() as lookup:
                 parents = {parent_index(lookup, name) for _, name in found}
-            assert len(parents) == 1 and (index is None or parents == {index}), (filters, found, parents)
+            # The planner chooses per partition, by its statistics: the filter's index or the
+            # app's plain newest-first one, both ordered, so no sort follows.
+            assert index is None or parents <= {index, "ix_events_app_timestamp"}, (filters, found, parents)
             assert '"Sort"' not in json.dumps(plan), (filters, plan)  # an Incremental Sort only orders ties by id
 
 

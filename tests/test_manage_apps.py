@@ -79,8 +79,9 @@ def test_rotate_key_refuses_the_old_key_at_once(client, owner, created):
 
 def test_delete_refuses_the_key_at_once_and_hands_over_the_data(client, owner, created, monkeypatch):
     app_id, key = created
-    removals = []
-    monkeypatch.setattr(apps_module, "remove_app_data", removals.append)
+    removals, schedule = [], apps_module.lifecycle.schedule_app_deletion
+    monkeypatch.setattr(apps_module.lifecycle, "schedule_app_deletion",
+                        lambda app_id: removals.append(app_id) or schedule(app_id))
     assert ingest(client, app_id, key).status_code == 202
     response = client.delete(f"/api/apps/{app_id}", headers=owner[1])
     assert response.status_code == 202
