@@ -37,13 +37,16 @@ class ErrorSchema(Schema):
     error = fields.Nested(ErrorBodySchema, required=True)
 
 
+def describe(status: int, codes: list[str]) -> str:
+    """An error response's description: its status and the codes it may carry ("Not Found: `app_not_found`")."""
+    return f"{http.HTTPStatus(status).phrase}: " + ", ".join(f"`{code}`" for code in codes)
+
+
 def errors(blp, codes: dict[int, list[str]]):
     """Document a route's error answers: `{status: [code, ...]}`, each with the one error shape."""
     def decorate(view):
         for status, names in codes.items():
-            view = blp.alt_response(status, schema=ErrorSchema,
-                                    description=f"{http.HTTPStatus(status).phrase}: " + ", ".join(f"`{n}`" for n in names)
-                                    )(view)
+            view = blp.alt_response(status, schema=ErrorSchema, description=describe(status, names))(view)
         return view
     return decorate
 
@@ -75,8 +78,7 @@ def _error_response(description: str) -> dict:
 
 
 def _errors(codes: dict[int, list[str]]) -> dict:
-    return {str(status): {**_error_response(f"{http.HTTPStatus(status).phrase}: " + ", ".join(f"`{n}`" for n in names))}
-            for status, names in codes.items()}
+    return {str(status): _error_response(describe(status, names)) for status, names in codes.items()}
 
 
 VALIDATION = {
