@@ -11,6 +11,7 @@ from pathlib import Path
 from flask import Blueprint, Flask
 from marshmallow import Schema, fields
 
+from app.errors import HTTP_CODES
 from app.extensions import api
 
 STATIC_FOLDER = Path(__file__).resolve().parent / "static" / "swagger-ui"
@@ -59,7 +60,7 @@ def init_app(app: Flask) -> None:
     # which is not our shape: register them again, lazily as it does, over ours.
     for status in http.HTTPStatus:
         if status >= 400:
-            spec.components.response(status.name, _error_response(status.phrase), lazy=True)
+            spec.components.response(status.name, _error_response(describe(status, [_shared_code(status)])), lazy=True)
     spec.components.response("DEFAULT_ERROR", _error_response("Error"), lazy=True)
     spec.components.security_scheme(BEARER, {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
                                              "description": "An access token from POST /api/auth/login."})
@@ -71,6 +72,12 @@ def init_app(app: Flask) -> None:
         spec.path(rule=rules[path], operations=operations, parameters=[])
     app.register_blueprint(Blueprint("docs_assets", __name__, static_folder=str(STATIC_FOLDER),
                                      static_url_path=DOCS_ASSETS.rstrip("/")))
+
+
+def _shared_code(status: int) -> str:
+    # The shared responses are the ones flask-smorest adds by itself: its 422 is a body that broke
+    # its schema; others are Flask's own errors, coded by status (app/errors.py).
+    return "invalid_request" if status == 422 else HTTP_CODES.get(status, "http_error")
 
 
 def _error_response(description: str) -> dict:
