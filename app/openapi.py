@@ -11,6 +11,7 @@ from pathlib import Path
 from flask import Blueprint, Flask
 from marshmallow import Schema, fields
 
+from app.errors import HTTP_CODES
 from app.extensions import api
 
 STATIC_FOLDER = Path(__file__).resolve().parent / "static" / "swagger-ui"
@@ -37,13 +38,16 @@ class ErrorSchema(Schema):
     error = fields.Nested(ErrorBodySchema, required=True)
 
 
+def describe(status: int, codes: list[str]) -> str:
+    """An error response's description: its status and the codes it may carry ("Not Found: `app_not_found`")."""
+    return f"{http.HTTPStatus(status).phrase}: " + ", ".join(f"`{code}`" for code in codes)
+
+
 def errors(blp, codes: dict[int, list[str]]):
     """Document a route's error answers: `{status: [code, ...]}`, each with the one error shape."""
     def decorate(view):
         for status, names in codes.items():
-            view = blp.alt_response(status, schema=ErrorSchema,
-                                    description=f"{http.HTTPStatus(status).phrase}: " + ", ".join(f"`{n}`" for n in names)
-                                    )(view)
+            view = blp.alt_response(status, schema=ErrorSchema, description=describe(status, names))(view)
         return view
     return decorate
 
@@ -56,7 +60,7 @@ def init_app(app: Flask) -> None:
     # which is not our shape: register them again, lazily as it does, over ours.
     for status in http.HTTPStatus:
         if status >= 400:
-            spec.components.response(status.name, _error_response(status.phrase), lazy=True)
+            spec.components.response(status.name, _error_response(describe(status, [_shared_code(status)])), lazy=True)
     spec.components.response("DEFAULT_ERROR", _error_response("Error"), lazy=True)
     spec.components.security_scheme(BEARER, {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
                                              "description": "An access token from POST /api/auth/login."})
@@ -70,13 +74,18 @@ def init_app(app: Flask) -> None:
                                      static_url_path=DOCS_ASSETS.rstrip("/")))
 
 
+def _shared_code(status: int) -> str:
+    # The shared responses are the ones flask-smorest adds by itself: its 422 is a body that broke
+    # its schema; others are Flask's own errors, coded by status (app/errors.py).
+    return "invalid_request" if status == 422 else HTTP_CODES.get(status, "http_error")
+
+
 def _error_response(description: str) -> dict:
     return {"description": description, "content": {"application/json": {"schema": "ErrorResponse"}}}
 
 
 def _errors(codes: dict[int, list[str]]) -> dict:
-    return {str(status): {**_error_response(f"{http.HTTPStatus(status).phrase}: " + ", ".join(f"`{n}`" for n in names))}
-            for status, names in codes.items()}
+    return {str(status): _error_response(describe(status, names)) for status, names in codes.items()}
 
 
 VALIDATION = {

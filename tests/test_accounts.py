@@ -142,11 +142,15 @@ def test_bad_input_on_every_account_route_is_a_4xx_error_that_changes_nothing(ap
 
 
 def test_verify_then_login_me_refresh_logout(client, redis):
-    assert_error(client.post("/api/auth/login", json={"email": "ada@example.com", "password": PASSWORD}) if
-                 register(client).status_code == 201 else None, 403, "email_not_verified")
+    assert register(client).status_code == 201
+    assert_error(client.post("/api/auth/login", json={"email": "ada@example.com", "password": PASSWORD}),
+                 403, "email_not_verified")
     code = mailed_code(redis, "ada@example.com")
     answer = client.post("/api/auth/verify-email", json={"email": "ADA@example.com", "code": code})
     assert answer.status_code == 200 and answer.json["email_verified"] is True
+    # Used up: a second try with the same code is refused (and tells nothing about the account).
+    assert_error(client.post("/api/auth/verify-email", json={"email": "ada@example.com", "code": code}),
+                 400, "invalid_code")
     login = client.post("/api/auth/login", json={"email": "ada@example.com", "password": PASSWORD}).json
     assert login["token_type"] == "Bearer" and login["expires_in"] == 900
     with client.application.app_context():
@@ -339,13 +343,11 @@ def test_the_cli_makes_argon2_hashes_that_log_in(runner, client):
     assert client.post("/api/auth/login", json={"email": "cli@example.com", "password": PASSWORD}).status_code == 200
 
 
-def test_a_queue_that_refuses_the_mail_is_503_and_makes_nothing(client, redis, monkeypatch):
-    from app.tasks import send_email
-
+def test_a_queue_that_refuses_the_mail_is_503_and_makes_nothing(app, client, redis, monkeypatch):
     def refuse(*args, **kwargs):
         raise OperationalError("broker down")
 
-    monkeypatch.setattr(send_email, "apply_async", refuse)
+    monkeypatch.setattr(app.extensions["celery"], "send_task", refuse)
     assert_error(register(client), 503, "queue_unavailable")
     assert counts() == (0, 0, 0)
     assert register(client).status_code == 503  # and a retry is not a 409
@@ -377,3 +379,28 @@ def test_codes_are_issued_hashed_and_a_new_one_replaces_the_old(app, make_user):
         with pytest.raises(Exception):
             codes.consume_code(user, codes.RESET_PASSWORD, first if first != second else "x")
         codes.consume_code(db.session.get(User, user_id), codes.RESET_PASSWORD, second)
+
+
+def test_token_routes_answer_503_quickly_when_the_blocklist_redis_is_down(make_user):
+    from tests.private_redis import isolated_app
+
+    dead = isolated_app({})
+    dead.extensions["intake.blocklist"] = tokens.RedisBlocklist("redis://127.0.0.1:1/0")
+    _, headers = make_user()
+    started = time.monotonic()
+    answer = dead.test_client().get("/api/auth/me", headers=headers)
+    assert_error(answer, 503, "service_unavailable")
+    assert answer.headers["Retry-After"] and time.monotonic() - started < 3
+
+
+def test_logout_on_the_embedded_default_revokes_through_the_table(make_user):
+    from tests.private_redis import isolated_app
+
+    embedded = isolated_app({"REDIS_URL": None})
+    assert isinstance(embedded.extensions["intake.blocklist"], tokens.TableBlocklist)
+    client = embedded.test_client()
+    _, headers = make_user()
+    assert client.post("/api/auth/logout", headers=headers).status_code == 204
+    assert_error(client.get("/api/auth/me", headers=headers), 401, "token_revoked")
+    ((rows,),) = sql("SELECT count(*) FROM revoked_tokens WHERE expires_at > now() + interval '800 seconds'")
+    assert rows == 1

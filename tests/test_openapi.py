@@ -53,6 +53,8 @@ def test_every_error_response_names_its_codes_and_uses_the_error_shape(document)
             for status, response in operation["responses"].items():
                 if status == "default" or int(status) < 400:
                     continue
+                if "$ref" in response:  # a shared response: #/components/responses/NAME
+                    response = document["components"]["responses"][response["$ref"].rsplit("/", 1)[1]]
                 assert re.search(r"`[a-z_]+`", response["description"]), (method, path, status)
                 schema = response["content"]["application/json"]["schema"]
                 assert "$ref" in schema or "properties" in schema, (method, path, status)

@@ -1,12 +1,14 @@
 """Account mail (verification and reset codes), rendered from templates/mail/ and sent by the `emails` queue."""
 import logging
 
-from flask import render_template
+from flask import current_app, render_template
 from kombu.exceptions import OperationalError
 
 from app.accounts import codes
 from app.errors import ApiError
-from app.tasks import send_email
+
+# The task app/tasks.py names so, routed to the `emails` queue (celery_config.task_routes).
+SEND_EMAIL = "intake.send_email"
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +24,10 @@ def queue_code_mail(to: str, purpose: str, code: str) -> None:
     text = render_template(f"mail/{purpose}.txt", **context)
     html = render_template(f"mail/{purpose}.html", **context)
     try:
-        # No publish retries inside a request: the client is told at once and may retry.
-        send_email.apply_async(args=[to, SUBJECTS[purpose], text, html], retry=False)
+        # This Flask app's own Celery app, by task name (routed to `emails`): the task proxy would use
+        # whichever Celery app is current, and would finalize it. No publish retries inside a
+        # request: the client is told at once and may retry.
+        current_app.extensions["celery"].send_task(SEND_EMAIL, args=[to, SUBJECTS[purpose], text, html], retry=False)
     except (OperationalError, OSError) as error:
         log.warning("account mail not queued: %s", type(error).__name__)  # never the address or the code
         raise ApiError(503, "queue_unavailable", "The mail queue is unavailable; nothing was changed. Retry shortly.",

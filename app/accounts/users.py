@@ -58,8 +58,8 @@ def resend_verification(email: str) -> None:
 def verify_email(email: str, code: str) -> User:
     """Mark the address verified if `code` is its current verification code."""
     user = find_user(email)
-    if user is not None and user.email_verified_at is not None:
-        return user  # verified already: a second click on the mail is not an error
+    # A verified address has no live code left: any code is refused, so that this route does not
+    # tell who is verified.
     codes.consume_code(user, codes.VERIFY_EMAIL, code)
     user.email_verified_at = utcnow()
     db.session.commit()
