@@ -113,7 +113,8 @@ def test_read_one_event(app, client, owner, shop):
     warned = {"status": "warning", "warnings": [{"path": "/plan", "message": "'plan' is required", "rule": "r"}]}
     with app.app_context():
         insert_events([event(shop, 1000, event_id="order-1", validation=warned,
-                             payload={"event_name": "purchase", "amount": 12.5, "items": [1, 2]})])
+                             payload={"event_name": "purchase", "amount": 12.5, "items": [1, 2]}),
+                       event(shop, 1001, event_id="orders/2026/ü?#1")])
     response = client.get(f"/api/apps/{shop}/events/order-1", headers=owner)
     assert response.status_code == 200
     body = response.get_json()
@@ -122,7 +123,11 @@ def test_read_one_event(app, client, owner, shop):
                     "timestamp": "2026-11-20T12:05:33Z", "received_at": "2026-11-20T13:00:00Z",
                     "processed_at": processed_at.astimezone(timezone.utc).isoformat().replace("+00:00", "Z"),
                     "validation": warned, "payload": {"event_name": "purchase", "amount": 12.5, "items": [1, 2]}}
-    assert listing(client, owner, shop, limit=1).get_json()["events"][0]["validation_status"] == "warning"
+    assert listing(client, owner, shop, limit=2).get_json()["events"][1]["validation_status"] == "warning"
+    # Any client event id can be read back: slashes, non-ASCII, URL delimiters (percent-encoded).
+    odd = client.get(f"/api/apps/{shop}/events/orders/2026/%C3%BC%3F%231", headers=owner)
+    assert odd.status_code == 200 and odd.get_json()["event_id"] == "orders/2026/ü?#1"
+    assert client.get(f"/api/apps/{shop}/events/orders%2F2026%2F%C3%BC%3F%231", headers=owner).status_code == 200
 
 
 @pytest.mark.parametrize("event_id", ["missing", "x" * 129, "%00", "ev-%00"])

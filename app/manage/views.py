@@ -161,7 +161,7 @@ class Events(MethodView):
         return {"events": rows, "next_cursor": next_cursor}
 
 
-@events_blp.route("/<event_id>")
+@events_blp.route("/<path:event_id>")  # client event ids may hold slashes
 class OneEvent(MethodView):
     decorators = [jwt_required()]
 
