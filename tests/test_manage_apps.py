@@ -213,9 +213,9 @@ def test_patch_refuses_bad_input_and_changes_nothing(client, owner, created, bod
 # --- across processes: two gunicorn workers ------------------------------------------------
 
 
-def fresh_requests(stack, app_id, key, count=16):
+def fresh_requests(stack, app_id, key, count=16, event=None):
     """Statuses of `count` ingestion requests, each on a new connection (spread over the workers)."""
-    return [requests.post(f"{stack.base_url}/api/logs/{app_id}", json={"event_name": "e"},
+    return [requests.post(f"{stack.base_url}/api/logs/{app_id}", json=event or {"event_name": "e"},
                           headers={"X-API-Key": key, "Connection": "close"}, timeout=10).status_code
             for _ in range(count)]
 
@@ -262,6 +262,12 @@ def test_journey_on_two_gunicorn_workers_and_a_real_worker(stack, redis, owner, 
     new_key = rotated.json()["api_key"]
     assert fresh_requests(stack, app_id, old_key) == [401] * 16
     assert fresh_requests(stack, app_id, new_key) == [202] * 16
+
+    checkout = {"event_name": "checkout"}
+    strict = api("POST", f"/api/apps/{app_id}/rules", json={**rule, "event_name": "checkout", "action": "reject"})
+    assert fresh_requests(stack, app_id, new_key, event=checkout) == [422] * 16
+    assert api("PATCH", f"/api/apps/{app_id}/rules/{strict.json()['id']}", json={"enabled": False}).status_code == 200
+    assert fresh_requests(stack, app_id, new_key, event=checkout) == [202] * 16
 
     assert api("DELETE", f"/api/apps/{app_id}").status_code == 202
     assert fresh_requests(stack, app_id, new_key) == [404] * 16
