@@ -87,8 +87,11 @@ def cases():
             filters = {name: values[name] for name in names}
             yield " + ".join(names) or "(none)", filters
             yield " + ".join(names + ("since/until",)), {**filters, **window}
+    # The level index holds warning and up; info and debug read ix_events_app_timestamp and skip the rest.
     yield "level=info (80 % of rows)", {"level": "info"}
     yield "level=info + since/until", {"level": "info", **window}
+    yield "level=debug (1.5 % of rows)", {"level": "debug"}
+    yield "level=debug + since/until", {"level": "debug", **window}
     yield "event_name (most common) + level=error", {"event_name": "event_0", "level": "error"}
 
 

@@ -190,8 +190,10 @@ INDEX_CASES = [
     ({"event_name": "event_7", "level": "error"}, None),
     ({"event_name": "event_7", "user_id": "user-42", "level": "info", "since": BASE - timedelta(days=9)}, None),
     ({"cursor": event_queries.encode_cursor(BASE - timedelta(days=2), 10**9)}, "ix_events_app_timestamp"),
-    ({"cursor": event_queries.encode_cursor(BASE - timedelta(days=2), 10**9), "level": "debug"},
+    ({"cursor": event_queries.encode_cursor(BASE - timedelta(days=2), 10**9), "level": "error"},
      "ix_events_app_level_timestamp"),
+    ({"level": "info"}, "ix_events_app_timestamp"),  # the level index holds warning and up only
+    ({"level": "debug", "since": BASE - timedelta(days=3)}, "ix_events_app_timestamp"),
 ]
 
 
