@@ -95,6 +95,11 @@ def cases():
     yield "event_name (most common) + level=error", {"event_name": "event_0", "level": "error"}
 
 
+PARENT_INDEX = """SELECT child.relname, parent.relname FROM pg_inherits
+                  JOIN pg_class child ON child.oid = inhrelid JOIN pg_class parent ON parent.oid = inhparent
+                  WHERE child.relkind = 'i'"""
+
+
 def explain(connection, statement) -> tuple[str, list[str], float]:
     compiled = statement.compile(dialect=connection.dialect)
     rows = connection.exec_driver_sql("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + str(compiled),
@@ -102,15 +107,21 @@ def explain(connection, statement) -> tuple[str, list[str], float]:
     plan = rows[0] if isinstance(rows, list) else json.loads(rows)[0]
     text = "\n".join(r[0] for r in connection.exec_driver_sql("EXPLAIN (ANALYZE, BUFFERS) " + str(compiled),
                                                              compiled.params))
-    scans = []
+    found = []
 
     def walk(node):
         if node.get("Relation Name") or node.get("Index Name"):
-            scans.append(f"{node['Node Type']}" + (f" using {node['Index Name']}" if node.get("Index Name") else ""))
+            found.append((node["Node Type"], node.get("Index Name")))
         for child in node.get("Plans", []):
             walk(child)
 
     walk(plan["Plan"])
+    # Partitioned by timestamp, each partition scans its own copy of an index: name the table's index
+    # once, with the number of partitions scanned.
+    parents = dict(connection.exec_driver_sql(PARENT_INDEX).all())
+    names = [node + (f" using {parents.get(index, index)}" if index else "") for node, index in found]
+    scans = [name + (f" (x{names.count(name)} partitions)" if names.count(name) > 1 else "")
+             for name in dict.fromkeys(names)]
     return text, scans, plan["Execution Time"]
 
 

@@ -1,4 +1,6 @@
 """The management routes (JWT): /api/apps, its keys, rules and events. Load → check → act → respond."""
+from http import HTTPStatus
+
 from flask import request
 from flask.views import MethodView
 from flask_jwt_extended import get_jwt_identity, jwt_required
@@ -47,19 +49,22 @@ for _blueprint in (apps_blp, rules_blp, events_blp):
 ERROR_STATUS = {"invalid_json": 400, "invalid_cursor": 400, "app_not_found": 404, "rule_not_found": 404,
                 "event_not_found": 404, "too_many_rules": 409, "payload_too_large": 413, "unsupported_media_type": 415}
 BODY_ERRORS = ("invalid_json", "payload_too_large", "unsupported_media_type")
+# What flask-jwt-extended's refusals answer (the accounts work's error loaders), on every route here.
+TOKEN_ERRORS = ("missing_token", "invalid_token", "token_expired", "token_revoked", "wrong_token_type")
+BEARER = [{"bearerAuth": []}]
 
 
 def fails_with(*codes):
-    """Document a route's error answers in the OpenAPI document: the one error shape, the codes by status."""
-    by_status = {401: "A missing, expired or revoked access token (Authorization: Bearer …)."}
+    """Document a route's token and error answers in the OpenAPI document (the one error shape, codes by status)."""
+    by_status = {401: list(TOKEN_ERRORS)}
     for code in codes:
-        status = ERROR_STATUS[code]
-        by_status[status] = f"{by_status[status]}, {code}" if status in by_status else f"Error codes: {code}"
+        by_status.setdefault(ERROR_STATUS[code], []).append(code)
 
     def decorate(view):
-        for status, description in by_status.items():
+        for status, names in by_status.items():
+            description = f"{HTTPStatus(status).phrase}: " + ", ".join(f"`{name}`" for name in names)
             view = apps_blp.alt_response(status, schema=ErrorBody, description=description)(view)
-        return view
+        return apps_blp.doc(security=BEARER)(view)
 
     return decorate
 
