@@ -228,8 +228,9 @@ def test_listings_are_index_scans(app):
                 connection.exec_driver_sql("SET LOCAL enable_bitmapscan = off")
                 [plan] = connection.exec_driver_sql("EXPLAIN (FORMAT JSON) " + str(compiled), compiled.params).scalar()
                 found = table_scans(connection, plan["Plan"])
-            assert [node for node, _ in found] == ["Index Scan"], (filters, found)
-            assert index is None or found[0][1] == index, (filters, found)
+            # (Partitioned, each partition's planner may pick another of the indexes for its few rows.)
+            assert {node for node, _ in found} == {"Index Scan"}, (filters, found)
+            assert index is None or index in {name for _, name in found}, (filters, found)
             assert '"Sort"' not in json.dumps(plan), (filters, plan)  # an Incremental Sort only orders ties by id
 
 

@@ -222,17 +222,17 @@ class EventOut(Schema):
 # --- errors (app/errors.py's one shape, for the OpenAPI document) --------------------------
 
 
-class ErrorDetail(Schema):
+class ErrorAnswerDetail(Schema):
     path = fields.String(metadata={"description": "JSON pointer to the field"})
     message = fields.String()
     rule = fields.String()
 
 
-class ErrorInfo(Schema):
+class ErrorAnswerBody(Schema):
     code = fields.String(metadata={"description": "stable snake_case code"})
     message = fields.String()
-    details = fields.List(fields.Nested(ErrorDetail))
+    details = fields.List(fields.Nested(ErrorAnswerDetail))
 
 
-class ErrorBody(Schema):
-    error = fields.Nested(ErrorInfo)
+class ErrorAnswer(Schema):
+    error = fields.Nested(ErrorAnswerBody)

@@ -10,7 +10,7 @@ from webargs.flaskparser import FlaskParser, is_json_request
 from app.errors import ApiError
 from app.ingest import checks
 from app.manage import app_rules, apps, event_queries
-from app.manage.schemas import (AppCreate, AppCreated, AppDeleting, AppKey, AppList, AppOut, AppPatch, ErrorBody,
+from app.manage.schemas import (AppCreate, AppCreated, AppDeleting, AppKey, AppList, AppOut, AppPatch, ErrorAnswer,
                                 EventList, EventOut, EventQuery, RuleIn, RuleList, RuleOut, RulePatch)
 
 # A rule body (its schema included) is small; anything larger is refused before it is read.
@@ -45,10 +45,11 @@ for _blueprint in (apps_blp, rules_blp, events_blp):
     _blueprint.before_request(_limit_body)
 
 
-# The error answers of these routes by code (the 422 of a schema failure flask-smorest documents itself).
+# The error answers of these routes by code (422 `invalid_request`: a body or query against its schema).
 ERROR_STATUS = {"invalid_json": 400, "invalid_cursor": 400, "app_not_found": 404, "rule_not_found": 404,
-                "event_not_found": 404, "too_many_rules": 409, "payload_too_large": 413, "unsupported_media_type": 415}
-BODY_ERRORS = ("invalid_json", "payload_too_large", "unsupported_media_type")
+                "event_not_found": 404, "too_many_rules": 409, "payload_too_large": 413, "unsupported_media_type": 415,
+                "invalid_request": 422, "nesting_too_deep": 422}
+BODY_ERRORS = ("invalid_json", "payload_too_large", "unsupported_media_type", "invalid_request", "nesting_too_deep")
 # What flask-jwt-extended's refusals answer (the accounts work's error loaders), on every route here.
 TOKEN_ERRORS = ("missing_token", "invalid_token", "token_expired", "token_revoked", "wrong_token_type")
 BEARER = [{"bearerAuth": []}]
@@ -63,7 +64,7 @@ def fails_with(*codes):
     def decorate(view):
         for status, names in by_status.items():
             description = f"{HTTPStatus(status).phrase}: " + ", ".join(f"`{name}`" for name in names)
-            view = apps_blp.alt_response(status, schema=ErrorBody, description=description)(view)
+            view = apps_blp.alt_response(status, schema=ErrorAnswer, description=description)(view)
         return apps_blp.doc(security=BEARER)(view)
 
     return decorate
@@ -196,7 +197,7 @@ class Events(MethodView):
 
     @events_blp.arguments(EventQuery, location="query")
     @events_blp.response(200, EventList)
-    @fails_with("app_not_found", "invalid_cursor")
+    @fails_with("app_not_found", "invalid_cursor", "invalid_request")
     def get(self, query, app_id):
         """List the app's stored events, newest first, a page at a time (pass next_cursor as cursor)."""
         rows, next_cursor = event_queries.list_events(my_app(app_id).id, **query)
