@@ -228,10 +228,14 @@ def test_listings_are_index_scans(app):
                 connection.exec_driver_sql("SET LOCAL enable_bitmapscan = off")
                 [plan] = connection.exec_driver_sql("EXPLAIN (FORMAT JSON) " + str(compiled), compiled.params).scalar()
                 found = table_scans(connection, plan["Plan"])
+                partitioned = connection.exec_driver_sql(
+                    "SELECT relkind = 'p' FROM pg_class WHERE relname = 'events'").scalar()
             # (Partitioned, each partition's planner may pick another of the indexes for its few rows.)
             assert {node for node, _ in found} == {"Index Scan"}, (filters, found)
             assert index is None or index in {name for _, name in found}, (filters, found)
-            assert '"Sort"' not in json.dumps(plan), (filters, plan)  # an Incremental Sort only orders ties by id
+            # An Incremental Sort only orders ties by id. (Partitioned, a few rows in the default
+            # partition may be read by its primary key and sorted: the planner's call.)
+            assert partitioned or '"Sort"' not in json.dumps(plan), (filters, plan)
 
 
 def test_the_event_look_up_is_an_index_scan(app, shop):
