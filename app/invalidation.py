@@ -32,6 +32,7 @@ ACK_TIMEOUT = 1.0  # seconds the publisher waits for every listener
 ACK_KEY_TTL = 10  # seconds an acknowledgement list outlives a publisher that gave up
 POLL_SECONDS = 5.0  # the listener wakes this often, so a dead connection is noticed (health checks)
 RETRY_MAX_SECONDS = 10.0
+LISTENER_NAME = "intake-invalidation"  # as CLIENT LIST shows the listeners' connections
 
 
 class Invalidation:
@@ -89,7 +90,7 @@ class Invalidation:
 
     def _listen(self) -> None:
         client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=1.0, socket_keepalive=True,
-                                      health_check_interval=POLL_SECONDS * 2)
+                                      health_check_interval=POLL_SECONDS * 2, client_name=LISTENER_NAME)
         delay = 0.5
         while True:
             pubsub = client.pubsub()

@@ -135,8 +135,11 @@ class RevokedToken(db.Model):
 
 
 # Event listings (app/manage/event_queries.py): the app and one equality filter, then newest first.
+INDEXED_LEVELS = ("warning", "error", "critical")
 # Declared here, after the class, so that they stay additive to whatever shape `events` takes.
-sa.Index("ix_events_app_level_timestamp", Event.app_id, Event.level, Event.timestamp.desc(), Event.id.desc())
+# Only the levels people look for: most events are info (or debug), and each index costs every write.
+sa.Index("ix_events_app_level_timestamp", Event.app_id, Event.level, Event.timestamp.desc(), Event.id.desc(),
+         postgresql_where=Event.level.in_(INDEXED_LEVELS), sqlite_where=Event.level.in_(INDEXED_LEVELS))
 sa.Index("ix_events_app_user_timestamp", Event.app_id, Event.user_id, Event.timestamp.desc(), Event.id.desc(),
          postgresql_where=Event.user_id.isnot(None), sqlite_where=Event.user_id.isnot(None))
 

@@ -240,7 +240,8 @@ def test_apps_rotate_key_prints_the_new_key_once_and_the_old_one_stops(cli, clie
 @pytest.mark.parametrize("command", [("apps", "rotate-key"), ("rules", "list"), ("rules", "add")])
 def test_app_commands_refuse_unknown_and_deleted_apps(cli, created_app, tmp_path, command):
     sql("UPDATE apps SET deleted_at = now()")
-    extra = ("--file", write_rule(tmp_path, {"name": "r", "action": "warn", "schema": {}})) if command[1] == "add" else ()
+    rule_file = ("--file", write_rule(tmp_path, {"name": "r", "action": "warn", "schema": {}}))
+    extra = rule_file if command[1] == "add" else ()
     for app_id in (created_app["app_id"], "no-such-app"):
         result = cli(*command, app_id, *extra)
         assert result.exit_code != 0 and app_id in result.output and "Traceback" not in result.output

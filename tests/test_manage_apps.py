@@ -1,5 +1,6 @@
 """Apps over HTTP (JWT): list, create, read, change, rotate the key, delete; tenant isolation; bad input."""
 import json
+import time
 import uuid
 
 import pytest
@@ -213,31 +214,137 @@ def test_patch_refuses_bad_input_and_changes_nothing(client, owner, created, bod
 # --- across processes: two gunicorn workers ------------------------------------------------
 
 
-def fresh_requests(stack, app_id, key, count=16):
+def fresh_requests(stack, app_id, key, count=16, event=None):
     """Statuses of `count` ingestion requests, each on a new connection (spread over the workers)."""
-    return [requests.post(f"{stack.base_url}/api/logs/{app_id}", json={"event_name": "e"},
+    return [requests.post(f"{stack.base_url}/api/logs/{app_id}", json=event or {"event_name": "e"},
                           headers={"X-API-Key": key, "Connection": "close"}, timeout=10).status_code
             for _ in range(count)]
 
 
-def test_rotation_and_deletion_reach_every_gunicorn_worker_before_the_answer(stack, redis, owner, test_environment):
-    """With a cache TTL of a minute, only the broadcast can make both workers refuse the old key."""
+def test_journey_on_two_gunicorn_workers_and_a_real_worker(stack, redis, owner, test_environment):
+    """Create an app, add a rule, ingest, list and read what a worker stored; rotate and delete the key.
+
+    The cache TTL is a minute here: only the broadcast can make both workers refuse the old key at once.
+    """
     stack.web(workers=2, threads=2, RULES_CACHE_TTL="60")
-    user_id, headers = owner
-    created = requests.post(stack.base_url + "/api/apps", json={"name": "two workers"}, headers=headers, timeout=10)
+    stack.worker(queues="default,batch_processing", concurrency=1)
+    _, headers = owner
+    api = lambda method, path, **kw: requests.request(method, stack.base_url + path, headers=headers, timeout=10, **kw)
+    created = api("POST", "/api/apps", json={"name": "two workers"})
     assert created.status_code == 201, created.text
     app_id, old_key = created.json()["id"], created.json()["api_key"]
+    rule = {"name": "plan wanted", "event_name": "signup", "action": "warn", "schema": {"required": ["plan"]}}
+    assert api("POST", f"/api/apps/{app_id}/rules", json=rule).status_code == 201
+
+    signup = stack.post(f"/api/logs/{app_id}", {"event_name": "signup", "user_id": 7, "event_id": "s-1"},
+                        {"X-API-Key": old_key})
+    assert signup.status_code == 202 and signup.json()["validation"]["status"] == "warning"
+    batch = stack.post(f"/api/logs/{app_id}/batch", [{"event_name": "view", "level": "ERROR"}, {"event_name": "view"}],
+                       {"X-API-Key": old_key})
+    assert batch.status_code == 202
+    listed = wait_until(lambda: (lambda body: len(body["events"]) == 3 and body)(
+        api("GET", f"/api/apps/{app_id}/events").json()), timeout=30, message="three stored events")
+    assert {e["event_id"] for e in listed["events"]} == {"s-1", *batch.json()["event_ids"]}
+    errors = api("GET", f"/api/apps/{app_id}/events", params={"level": "error", "event_name": "view"}).json()
+    assert [e["event_id"] for e in errors["events"]] == batch.json()["event_ids"][:1]
+    stored = api("GET", f"/api/apps/{app_id}/events/s-1").json()
+    assert stored["payload"] == {"event_name": "signup", "user_id": 7, "event_id": "s-1"}
+    assert (stored["user_id"], stored["level"], stored["validation"]["status"]) == ("7", "info", "warning")
+    assert stored["validation"]["warnings"][0]["rule"] == "plan wanted"
+    assert stored["received_at"] <= stored["processed_at"]
+
     assert fresh_requests(stack, app_id, old_key) == [202] * 16  # cached in both workers
     db = test_environment["REDIS_URL"].rsplit("/", 1)[1]
-    channel = f"intake:rules-changed:{db}"
-    # Both workers have subscribed (each at its first request), and so has this test process.
-    wait_until(lambda: redis.pubsub_numsub(channel)[0][1] >= 2, timeout=10, message="both workers listening")
-
-    rotated = requests.post(f"{stack.base_url}/api/apps/{app_id}/api-key", headers=headers, timeout=10)
+    # Both workers have subscribed (each at its first request).
+    wait_until(lambda: redis.pubsub_numsub(f"intake:rules-changed:{db}")[0][1] >= 2, timeout=10,
+               message="both workers listening")
+    rotated = api("POST", f"/api/apps/{app_id}/api-key")
     assert rotated.status_code == 201
     new_key = rotated.json()["api_key"]
     assert fresh_requests(stack, app_id, old_key) == [401] * 16
     assert fresh_requests(stack, app_id, new_key) == [202] * 16
 
-    assert requests.delete(f"{stack.base_url}/api/apps/{app_id}", headers=headers, timeout=10).status_code == 202
+    checkout = {"event_name": "checkout"}
+    strict = api("POST", f"/api/apps/{app_id}/rules", json={**rule, "event_name": "checkout", "action": "reject"})
+    assert fresh_requests(stack, app_id, new_key, event=checkout) == [422] * 16
+    assert api("PATCH", f"/api/apps/{app_id}/rules/{strict.json()['id']}", json={"enabled": False}).status_code == 200
+    assert fresh_requests(stack, app_id, new_key, event=checkout) == [202] * 16
+
+    assert api("DELETE", f"/api/apps/{app_id}").status_code == 202
     assert fresh_requests(stack, app_id, new_key) == [404] * 16
+
+
+# --- the broadcast itself (app/invalidation.py) --------------------------------------------
+
+
+class RecordingCache:
+    def __init__(self):
+        self.calls = []
+
+    def discard(self, app_id):
+        self.calls.append(("discard", app_id))
+
+    def clear(self):
+        self.calls.append(("clear",))
+
+
+def listening(redis_url, redis):
+    from app.invalidation import Invalidation
+
+    cache = RecordingCache()
+    invalidation = Invalidation(redis_url, cache)
+    before = redis.pubsub_numsub(invalidation.channel)[0][1]
+    invalidation.ensure_listening()
+    wait_until(lambda: ("clear",) in cache.calls and redis.pubsub_numsub(invalidation.channel)[0][1] > before,
+               timeout=10, message="the listener subscribed")
+    return invalidation, cache
+
+
+def test_without_redis_only_this_process_forgets(caplog):
+    from app.invalidation import Invalidation
+
+    cache = RecordingCache()
+    Invalidation(None, cache).publish("a1")
+    Invalidation(None, cache).ensure_listening()  # nothing to listen to: no thread
+    assert cache.calls == [("discard", "a1")]
+    unreachable = Invalidation("redis://127.0.0.1:1/0", cache)
+    started = time.monotonic()
+    unreachable.publish("a2")  # logs, never raises: the change is committed, the TTL bounds the rest
+    assert time.monotonic() - started < 3
+    assert cache.calls[-1] == ("discard", "a2") and "RULES_CACHE_TTL" in caplog.text
+
+
+def test_the_listener_forgets_acknowledges_and_resubscribes(test_environment, redis):
+    from app.invalidation import LISTENER_NAME
+
+    invalidation, cache = listening(test_environment["REDIS_URL"], redis)
+    publisher = type(invalidation)(test_environment["REDIS_URL"], RecordingCache())
+    started = time.monotonic()
+    publisher.publish("app-1")  # returns once every listener (this one included) acknowledged
+    assert ("discard", "app-1") in cache.calls and time.monotonic() - started < 0.9
+    redis.publish(invalidation.channel, b"not json")  # a stray message is ignored, the listener lives on
+    publisher.publish("app-2")
+    assert ("discard", "app-2") in cache.calls
+    # The subscription drops (Redis restarted, a network blip): messages meanwhile are lost, so the
+    # listener clears everything when it is subscribed again.
+    cleared = cache.calls.count(("clear",))
+    db = test_environment["REDIS_URL"].rsplit("/", 1)[1]
+    for client in redis.client_list(_type="pubsub"):  # ours only: other runs share this server
+        if client["name"] == LISTENER_NAME and client["db"] == db:
+            redis.client_kill_filter(_id=client["id"])
+    wait_until(lambda: cache.calls.count(("clear",)) > cleared, timeout=15, message="subscribed again")
+    publisher.publish("app-3")
+    assert ("discard", "app-3") in cache.calls
+
+
+def test_a_listener_that_does_not_acknowledge_delays_the_answer_at_most_a_second(test_environment, redis):
+    from app.invalidation import ACK_TIMEOUT, Invalidation
+
+    mute = redis.pubsub()
+    mute.subscribe(Invalidation(test_environment["REDIS_URL"], None).channel)
+    try:
+        started = time.monotonic()
+        Invalidation(test_environment["REDIS_URL"], RecordingCache()).publish("app-1")
+        assert ACK_TIMEOUT - 0.1 < time.monotonic() - started < ACK_TIMEOUT + 1
+    finally:
+        mute.close()

@@ -58,7 +58,7 @@ def account(user_id: str) -> User:
     """The token's user, who may have been removed since the token was issued."""
     user = db.session.get(User, user_id)
     if user is None:
-        raise ApiError(401, "invalid_token", "The token's user no longer exists; sign in again.")
+        raise ApiError(401, "token_revoked", "The token's account no longer exists.")
     return user
 
 

@@ -217,3 +217,22 @@ class EventOut(Schema):
     processed_at = UtcDateTime()
     validation = fields.Raw(metadata={"description": '{"status": "valid" | "warning", "warnings": [...]}'})
     payload = fields.Raw(metadata={"description": "The event exactly as it was sent."})
+
+
+# --- errors (app/errors.py's one shape, for the OpenAPI document) --------------------------
+
+
+class ErrorAnswerDetail(Schema):
+    path = fields.String(metadata={"description": "JSON pointer to the field"})
+    message = fields.String()
+    rule = fields.String()
+
+
+class ErrorAnswerBody(Schema):
+    code = fields.String(metadata={"description": "stable snake_case code"})
+    message = fields.String()
+    details = fields.List(fields.Nested(ErrorAnswerDetail))
+
+
+class ErrorAnswer(Schema):
+    error = fields.Nested(ErrorAnswerBody)

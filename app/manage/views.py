@@ -1,4 +1,6 @@
 """The management routes (JWT): /api/apps, its keys, rules and events. Load → check → act → respond."""
+from http import HTTPStatus
+
 from flask import request
 from flask.views import MethodView
 from flask_jwt_extended import get_jwt_identity, jwt_required
@@ -8,8 +10,8 @@ from webargs.flaskparser import FlaskParser, is_json_request
 from app.errors import ApiError
 from app.ingest import checks
 from app.manage import app_rules, apps, event_queries
-from app.manage.schemas import (AppCreate, AppCreated, AppDeleting, AppKey, AppList, AppOut, AppPatch, EventList,
-                                EventOut, EventQuery, RuleIn, RuleList, RuleOut, RulePatch)
+from app.manage.schemas import (AppCreate, AppCreated, AppDeleting, AppKey, AppList, AppOut, AppPatch, ErrorAnswer,
+                                EventList, EventOut, EventQuery, RuleIn, RuleList, RuleOut, RulePatch)
 
 # A rule body (its schema included) is small; anything larger is refused before it is read.
 MAX_BODY_BYTES = 256 * 1024
@@ -20,7 +22,8 @@ class JsonParser(FlaskParser):
 
     def _raw_load_json(self, req):
         if not is_json_request(req):
-            raise ApiError(415, "unsupported_media_type", "Send the body as JSON with 'Content-Type: application/json'.")
+            raise ApiError(415, "unsupported_media_type",
+                           "Send the body as JSON with 'Content-Type: application/json'.")
         return checks.parse_json(req.get_data(cache=True))  # 400 invalid_json, 422 nesting_too_deep
 
 
@@ -34,10 +37,37 @@ def _limit_body():
 
 
 apps_blp = Blueprint("apps", __name__, url_prefix="/api/apps", description="Your apps and their keys.")
-rules_blp = Blueprint("rules", __name__, url_prefix="/api/apps/<app_id>/rules", description="An app's validation rules.")
-events_blp = Blueprint("events", __name__, url_prefix="/api/apps/<app_id>/events", description="An app's stored events.")
+rules_blp = Blueprint("rules", __name__, url_prefix="/api/apps/<app_id>/rules",
+                      description="An app's validation rules.")
+events_blp = Blueprint("events", __name__, url_prefix="/api/apps/<app_id>/events",
+                       description="An app's stored events.")
 for _blueprint in (apps_blp, rules_blp, events_blp):
     _blueprint.before_request(_limit_body)
+
+
+# The error answers of these routes by code (422 `invalid_request`: a body or query against its schema).
+ERROR_STATUS = {"invalid_json": 400, "invalid_cursor": 400, "app_not_found": 404, "rule_not_found": 404,
+                "event_not_found": 404, "too_many_rules": 409, "payload_too_large": 413, "unsupported_media_type": 415,
+                "invalid_request": 422, "nesting_too_deep": 422}
+BODY_ERRORS = ("invalid_json", "payload_too_large", "unsupported_media_type", "invalid_request", "nesting_too_deep")
+# What flask-jwt-extended's refusals answer (the accounts work's error loaders), on every route here.
+TOKEN_ERRORS = ("missing_token", "invalid_token", "token_expired", "token_revoked", "wrong_token_type")
+BEARER = [{"bearerAuth": []}]
+
+
+def fails_with(*codes):
+    """Document a route's token and error answers in the OpenAPI document (the one error shape, codes by status)."""
+    by_status = {401: list(TOKEN_ERRORS)}
+    for code in codes:
+        by_status.setdefault(ERROR_STATUS[code], []).append(code)
+
+    def decorate(view):
+        for status, names in by_status.items():
+            description = f"{HTTPStatus(status).phrase}: " + ", ".join(f"`{name}`" for name in names)
+            view = apps_blp.alt_response(status, schema=ErrorAnswer, description=description)(view)
+        return apps_blp.doc(security=BEARER)(view)
+
+    return decorate
 
 
 def my_app(app_id: str):
@@ -53,12 +83,14 @@ class Apps(MethodView):
     decorators = [jwt_required()]
 
     @apps_blp.response(200, AppList)
+    @fails_with()
     def get(self):
         """List your apps."""
         return {"apps": apps.list_apps(get_jwt_identity())}
 
     @apps_blp.arguments(AppCreate)
     @apps_blp.response(201, AppCreated)
+    @fails_with(*BODY_ERRORS)
     def post(self, body):
         """Create an app; its key is in this answer only."""
         record, key = apps.add_app(apps.account(get_jwt_identity()), body["name"], body["retention_days"])
@@ -71,17 +103,20 @@ class OneApp(MethodView):
     decorators = [jwt_required()]
 
     @apps_blp.response(200, AppOut)
+    @fails_with("app_not_found")
     def get(self, app_id):
         """Read one app."""
         return my_app(app_id)
 
     @apps_blp.arguments(AppPatch)
     @apps_blp.response(200, AppOut)
+    @fails_with("app_not_found", *BODY_ERRORS)
     def patch(self, changes, app_id):
         """Rename an app or change its retention."""
         return apps.change_app(my_app(app_id), changes)
 
     @apps_blp.response(202, AppDeleting)
+    @fails_with("app_not_found")
     def delete(self, app_id):
         """Delete an app: its key stops working at once, its data is removed in the background."""
         record = my_app(app_id)
@@ -94,6 +129,7 @@ class AppApiKey(MethodView):
     decorators = [jwt_required()]
 
     @apps_blp.response(201, AppKey)
+    @fails_with("app_not_found")
     def post(self, app_id):
         """Rotate the app's key: the old one stops working; the new one is in this answer only."""
         record = my_app(app_id)
@@ -108,12 +144,14 @@ class Rules(MethodView):
     decorators = [jwt_required()]
 
     @rules_blp.response(200, RuleList)
+    @fails_with("app_not_found")
     def get(self, app_id):
         """List the app's rules."""
         return {"rules": app_rules.list_rules(my_app(app_id))}
 
     @rules_blp.arguments(RuleIn)
     @rules_blp.response(201, RuleOut)
+    @fails_with("app_not_found", "too_many_rules", *BODY_ERRORS)
     def post(self, fields, app_id):
         """Add a rule: a JSON Schema (2020-12) that rejects or flags the events it does not match."""
         return app_rules.create_rule(my_app(app_id), fields)
@@ -124,23 +162,27 @@ class OneRule(MethodView):
     decorators = [jwt_required()]
 
     @rules_blp.response(200, RuleOut)
+    @fails_with("app_not_found", "rule_not_found")
     def get(self, app_id, rule_id):
         """Read one rule."""
         return app_rules.app_rule(my_app(app_id), rule_id)
 
     @rules_blp.arguments(RuleIn)
     @rules_blp.response(200, RuleOut)
+    @fails_with("app_not_found", "rule_not_found", *BODY_ERRORS)
     def put(self, fields, app_id, rule_id):
         """Replace a rule."""
         return app_rules.change_rule(app_rules.app_rule(my_app(app_id), rule_id), fields)
 
     @rules_blp.arguments(RulePatch(partial=True))
     @rules_blp.response(200, RuleOut)
+    @fails_with("app_not_found", "rule_not_found", *BODY_ERRORS)
     def patch(self, fields, app_id, rule_id):
         """Change some of a rule's fields, e.g. {"enabled": false}."""
         return app_rules.change_rule(app_rules.app_rule(my_app(app_id), rule_id), fields)
 
     @rules_blp.response(204)
+    @fails_with("app_not_found", "rule_not_found")
     def delete(self, app_id, rule_id):
         """Delete a rule."""
         app_rules.delete_rule(app_rules.app_rule(my_app(app_id), rule_id))
@@ -155,17 +197,19 @@ class Events(MethodView):
 
     @events_blp.arguments(EventQuery, location="query")
     @events_blp.response(200, EventList)
+    @fails_with("app_not_found", "invalid_cursor", "invalid_request")
     def get(self, query, app_id):
         """List the app's stored events, newest first, a page at a time (pass next_cursor as cursor)."""
         rows, next_cursor = event_queries.list_events(my_app(app_id).id, **query)
         return {"events": rows, "next_cursor": next_cursor}
 
 
-@events_blp.route("/<event_id>")
+@events_blp.route("/<path:event_id>")  # client event ids may hold slashes
 class OneEvent(MethodView):
     decorators = [jwt_required()]
 
     @events_blp.response(200, EventOut)
+    @fails_with("app_not_found", "event_not_found")
     def get(self, app_id, event_id):
         """Read one stored event: payload, normalised fields, validation result, received and processed times."""
         return event_queries.get_event(my_app(app_id).id, event_id)
