@@ -163,7 +163,7 @@ class StorageAllowance:
 class Lease:
     """Events one process holds of one app's allowance, and the last refusal it saw."""
 
-    __slots__ = ("lock", "left", "expires", "refused_until", "room")
+    __slots__ = ("lock", "left", "expires", "refused_until", "room", "fits_at")
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -171,6 +171,7 @@ class Lease:
         self.expires = 0.0  # monotonic end of the window they were leased in
         self.refused_until = 0.0  # until then, a request for more than left + room is refused here
         self.room = 0  # events the window had left at that refusal
+        self.fits_at = 0.0  # monotonic time the refused request would have fitted (Retry-After)
 
 
 class AppRateLimit:
@@ -198,7 +199,7 @@ class AppRateLimit:
                 lease.left -= events
                 return
             if now < lease.refused_until and events > lease.left + lease.room:
-                self.refuse(events, lease.left + lease.room, lease.refused_until - now)
+                self.refuse(events, lease.left + lease.room, lease.fits_at - now)
             need = events - lease.left
             try:
                 grant = self.source.take(app_id, need, max(need, self.lease_size))
@@ -212,6 +213,7 @@ class AppRateLimit:
                 return
             lease.refused_until = now + min(grant.wait, self.refusal_memory)
             lease.room = grant.remaining
+            lease.fits_at = now + grant.wait
             self.refuse(events, lease.left + grant.remaining, grant.wait)
 
     def refuse(self, events: int, remaining: int, wait: float):

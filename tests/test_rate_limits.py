@@ -196,3 +196,15 @@ def test_every_process_together_holds_the_limit_over_several_windows(stack, make
     assert int(headers["Retry-After"]) >= 1 and 1 <= int(headers["RateLimit-Reset"]) <= window
     assert 0 <= int(headers["RateLimit-Remaining"]) < limit
     assert other and set(other) == {202}
+
+
+def test_a_refusal_answered_from_memory_gives_the_same_retry_after(limited, make_app):
+    app_id, key = make_app()
+    for n in range(5):
+        assert send(limited, app_id, key, {"event_name": "e", "n": n}).status_code == 202
+    first, second = (send(limited, app_id, key, {"event_name": "e"}) for _ in range(2))  # the second within 50 ms
+    assert_rate_limited(first)
+    assert_rate_limited(second)
+    # 5 of 5 in this minute: one more fits once the window has moved on by a fifth (12 s or more).
+    assert int(first.headers["Retry-After"]) >= 12
+    assert int(first.headers["Retry-After"]) - int(second.headers["Retry-After"]) in (0, 1)
