@@ -24,9 +24,11 @@ run: install
 test: install
 	$(BIN)/pytest
 
+# Intake beside the stock design (bench/stock/), single events with and without a per-app rate
+# limit, one `celery worker -c 2` per queue for both designs: about 7 minutes.
 bench: install
 	command -v wrk >/dev/null 2>&1 || { apt-get update && apt-get install -y wrk; }
-	$(BIN)/python bench/run.py --repeat 3 --duration 8
+	$(BIN)/python bench/run.py --repeat 3 --duration 8 --designs intake,stock --rate-limit both --worker-concurrency 2
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache

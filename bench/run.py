@@ -15,6 +15,11 @@ number, then measures in turn:
 and samples the RSS of every API and worker process throughout. It checks that every
 acknowledged event is stored exactly once, prints one JSON object and writes it to
 bench/results/latest.json. See bench/README.md.
+
+With `--designs intake,stock` the stock design (bench/stock/: one Celery message and one
+INSERT + COMMIT per event, one task per batch request) runs the same loads after Intake's
+processes stop, on a database and Redis db of its own; `--rate-limit both` measures single
+events with and without a per-app rate limit that is never reached, alternating the two.
 """
 import argparse
 import io
@@ -264,7 +269,7 @@ class MemorySampler(threading.Thread):
         if parent and parent[0] == "worker_main":
             return "worker_pool", parent[1]
         cmd = proc_cmdline(pid)
-        if "run:celery" in cmd and "worker" in cmd:
+        if any(arg.endswith(":celery") for arg in cmd) and "worker" in cmd:
             flag = "--queues" if "--queues" in cmd else "-Q" if "-Q" in cmd else None
             return "worker_main", cmd[cmd.index(flag) + 1] if flag else None
         return ("worker_script" if pid == root else "worker_other"), None
@@ -357,8 +362,13 @@ class MemorySampler(threading.Thread):
 # --------------------------------------------------------------------------- the run
 
 class Bench:
-    def __init__(self, args):
+    def __init__(self, args, design="intake", modes=("off",)):
         self.args = args
+        self.design = design  # "intake", or "stock": bench/stock/
+        self.modes = list(modes)  # rate limit "on" / "off": one gunicorn each, the first is the main one
+        self.webs = {}  # mode -> base URL
+        self.db_name = DB_NAME if design == "intake" else f"{DB_NAME}_{design}"
+        self.database_url = ADMIN_URL.rsplit("/", 1)[0] + "/" + self.db_name
         self.tmp = Path(tempfile.mkdtemp(prefix="intake-bench-"))
         self.processes: list[Process] = []
         self.redis_number = None
@@ -401,8 +411,8 @@ class Bench:
         except Exception as error:
             raise BenchError(f"Redis at {REDIS_BASE} is unreachable: {error}") from None
 
-        log(f"creating database {DB_NAME}")
-        self.admin(f'CREATE DATABASE "{DB_NAME}"')
+        log(f"{self.design}: creating database {self.db_name}")
+        self.admin(f'CREATE DATABASE "{self.db_name}"')
         self.db_created = True
         self.redis_number = self.claim_redis_db()
         redis_url = f"{REDIS_BASE}/{self.redis_number}"
@@ -417,7 +427,7 @@ class Bench:
             **os.environ,
             "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
             "APP_ENV": "development",
-            "DATABASE_URL": DATABASE_URL,
+            "DATABASE_URL": self.database_url,
             "REDIS_URL": redis_url,
             "INSTANCE_PATH": str(instance),
             "LOG_LEVEL": self.args.log_level,
@@ -426,8 +436,10 @@ class Bench:
         # Nothing from the caller's shell may point the stack elsewhere (e.g. gunicorn.conf.py
         # empties PROMETHEUS_MULTIPROC_DIR at start: it must be a folder of this run's own).
         for key in ("CELERY_BROKER_URL", "FLASK_DEBUG", "PROMETHEUS_MULTIPROC_DIR", "WORKER_METRICS_PORT",
-                    "RATELIMIT_STORAGE_URI", "INGEST_RATE_LIMIT", "PORT"):
+                    "RATELIMIT_STORAGE_URI", "INGEST_RATE_LIMIT", "PORT", "STOCK_RATE_LIMIT"):
             self.env.pop(key, None)
+        if self.design == "stock":  # bench/stock/ reads these; Intake's CLI below makes its schema and app
+            self.env.update({"STOCK_DATABASE_URL": self.database_url, "STOCK_REDIS_URL": redis_url})
 
         self.flask("db", "upgrade")
         email = f"bench-{RUN_ID}@example.com"
@@ -447,49 +459,81 @@ class Bench:
         return None
 
     def start_stack(self):
-        port = free_port()
-        self.base_url = f"http://127.0.0.1:{port}"
-        web_env = {**self.env, "PORT": str(port), "WEB_CONCURRENCY": str(self.args.web_workers),
-                   "GUNICORN_THREADS": str(self.args.web_threads)}
-        web = self.start(Process("gunicorn", [sys.executable, "-m", "gunicorn", "run:app", "-c", "gunicorn.conf.py"],
-                                 web_env, self.tmp))
+        webs = []
+        for mode in self.modes:
+            port = free_port()
+            self.webs[mode] = f"http://127.0.0.1:{port}"
+            web_env = {**self.env, "PORT": str(port), "WEB_CONCURRENCY": str(self.args.web_workers),
+                       "GUNICORN_THREADS": str(self.args.web_threads)}
+            if self.design == "stock":
+                if mode == "on":
+                    web_env["STOCK_RATE_LIMIT"] = self.args.rate_limit_value
+                args = [sys.executable, "-m", "gunicorn", "bench.stock.web:app", "--worker-class", "gthread",
+                        "--workers", str(self.args.web_workers), "--threads", str(self.args.web_threads),
+                        "--bind", f"127.0.0.1:{port}", "--log-level", "warning"]
+            else:
+                if mode == "on":
+                    web_env["INGEST_RATE_LIMIT"] = self.args.rate_limit_value
+                args = [sys.executable, "-m", "gunicorn", "run:app", "-c", "gunicorn.conf.py"]
+            webs.append(self.start(Process(f"gunicorn-{self.design}-rate-limit-{mode}", args, web_env, self.tmp)))
+        self.base_url = self.webs[self.modes[0]]
         worker_env = dict(self.env)
         worker_env.pop("CELERY_CONCURRENCY", None)
         if self.args.worker_concurrency:  # else the start script's own defaults, as deployed
             worker_env["CELERY_CONCURRENCY"] = str(self.args.worker_concurrency)
-        if self.args.shared_worker:
+        beat = None
+        if self.design == "stock":
+            # One plain `celery worker -c N` per queue (N: --worker-concurrency, else 2).
+            workers = [self.start(Process(f"stock-worker-{queue}", [
+                sys.executable, "-m", "celery", "-A", "bench.stock.tasks:celery", "worker", "--queues", queue,
+                "--hostname", f"stock-{queue}-{RUN_ID}@%h", "--concurrency", str(self.args.worker_concurrency or 2),
+                "--loglevel", self.args.log_level], self.env, self.tmp)) for queue in ("default", "batch_processing")]
+            expected_ready = 1
+        elif self.args.shared_worker:
             args = [sys.executable, "-m", "celery", "-A", "run:celery", "worker", "--queues",
                     "default,batch_processing", "--hostname", f"bench-{RUN_ID}@%h",
                     "--concurrency", str(self.args.worker_concurrency or 2), "--loglevel", self.args.log_level]
-            workers, expected_ready = self.start(Process("worker", args, worker_env, self.tmp)), 1
+            workers, expected_ready = [self.start(Process("worker", args, worker_env, self.tmp))], 1
         else:
             # The project's own start script: one prefork worker per queue, as the Procfile runs them.
-            workers = self.start(Process("worker", ["bash", "start_celery_worker.sh", "default", "batch_processing"],
-                                         worker_env, self.tmp))
+            workers = [self.start(Process("worker", ["bash", "start_celery_worker.sh", "default", "batch_processing"],
+                                          worker_env, self.tmp))]
             expected_ready = 2
-        beat = self.start(Process("beat", [sys.executable, "-m", "celery", "-A", "run:celery", "beat",
-                                           "--loglevel", "INFO", "-s", str(self.tmp / "beat-schedule")],
-                                  self.env, self.tmp))
+        if self.design == "intake":
+            beat = self.start(Process("beat", [sys.executable, "-m", "celery", "-A", "run:celery", "beat",
+                                               "--loglevel", "INFO", "-s", str(self.tmp / "beat-schedule")],
+                                      self.env, self.tmp))
         deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(self.base_url + "/health", timeout=1) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if not web.alive() or time.monotonic() > deadline:
-                raise BenchError(f"gunicorn did not start:\n{web.output()[-3000:]}")
-            time.sleep(0.2)
+        for web, url in zip(webs, self.webs.values()):
+            while True:
+                try:
+                    with urllib.request.urlopen(url + "/health", timeout=1) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    pass
+                if not web.alive() or time.monotonic() > deadline:
+                    raise BenchError(f"gunicorn did not start:\n{web.output()[-3000:]}")
+                time.sleep(0.2)
         if self.args.log_level.upper() in ("INFO", "DEBUG"):
-            workers.wait_for_output(" ready.", count=expected_ready, timeout=90)
-        self.probe(workers)
-        if not beat.alive():
+            for worker in workers:
+                worker.wait_for_output(" ready.", count=expected_ready, timeout=90)
+        for url in self.webs.values():
+            self.base_url = url
+            self.probe(workers)
+        self.base_url = self.webs[self.modes[0]]
+        if beat is not None and not beat.alive():
             raise BenchError(f"celery beat exited:\n{beat.output()[-3000:]}")
-        self.sampler = MemorySampler({web.pid: "web", workers.pid: "worker", beat.pid: "beat"})
+        roots = {web.pid: "web" for web in webs}
+        roots.update({worker.pid: "worker" for worker in workers})
+        if beat is not None:
+            roots[beat.pid] = "beat"
+        self.sampler = MemorySampler(roots)
         self.sampler.start()
-        log(f"stack up: gunicorn {self.args.web_workers}x{self.args.web_threads} on {self.base_url}, "
-            f"workers ({'shared' if self.args.shared_worker else 'per queue'}, {processes(self.args)}), beat")
+        log(f"{self.design} stack up: {len(webs)} x gunicorn {self.args.web_workers}x{self.args.web_threads} "
+            f"(rate limit {', '.join(self.modes)}), workers "
+            f"({'shared' if self.args.shared_worker else 'per queue'}, {processes(self.args, self.design)})"
+            f"{', beat' if beat else ''}")
 
     def start(self, process):
         self.processes.append(process)
@@ -503,17 +547,17 @@ class Bench:
 
     def probe(self, workers, timeout=90):
         """Ready means: one event and one batch go through both queues and are stored."""
-        name = "bench.probe"
-        self.post(f"/api/logs/{self.app_id}", {"event_name": name, "event_id": f"probe-{RUN_ID}"})
-        self.post(f"/api/logs/{self.app_id}/batch", [{"event_name": name, "event_id": f"probe-{RUN_ID}-{i}"}
+        name = f"bench.probe.{len(self.phase_windows)}.{self.base_url.rsplit(':', 1)[1]}"
+        self.post(f"/api/logs/{self.app_id}", {"event_name": name, "event_id": f"probe-{name}"})
+        self.post(f"/api/logs/{self.app_id}/batch", [{"event_name": name, "event_id": f"probe-{name}-{i}"}
                                                      for i in range(2)])
         conn = self.connect()
         try:
             deadline = time.monotonic() + timeout
             while self.count_events(conn.cursor(), name)[0] < 3:
-                if time.monotonic() > deadline or not workers.alive():
+                if time.monotonic() > deadline or not all(worker.alive() for worker in workers):
                     raise BenchError(f"the workers did not store a probe event within {timeout}s:\n"
-                                     f"{workers.output()[-3000:]}")
+                                     + "\n".join(worker.output()[-3000:] for worker in workers))
                 time.sleep(0.2)
         finally:
             conn.close()
@@ -545,9 +589,10 @@ class Bench:
                 f"intake:test-run:db:{self.redis_number}"))
             self.redis_number = None
         if self.db_created:
-            attempt(f"dropping {DB_NAME}", lambda: self.admin(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)'))
+            attempt(f"dropping {self.db_name}",
+                    lambda: self.admin(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)'))
             self.db_created = False
-            log(f"dropped database {DB_NAME}")
+            log(f"dropped database {self.db_name}")
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def keep_logs(self):
@@ -561,7 +606,7 @@ class Bench:
     # ----- database helpers
 
     def connect(self):
-        conn = psycopg2.connect(DATABASE_URL)
+        conn = psycopg2.connect(self.database_url)
         conn.autocommit = True
         return conn
 
@@ -583,6 +628,8 @@ class Bench:
         return float(match.group(1)) if match else None
 
     def pending_count(self) -> int:
+        if self.design == "stock":  # no pending store: messages still queued
+            return self.redis.llen("default") + self.redis.llen("batch_processing")
         return self.redis.hlen(PENDING_BODIES)
 
     def wait_drained(self, cur, event_name, accepted, timeout):
@@ -643,23 +690,28 @@ class Bench:
             return
         name = "bench.warmup"
         accepted = 0
-        for script, path, per_request in (("single.lua", "", 1), ("batch.lua", "/batch", self.args.batch_size)):
-            result, _ = self.wrk(script, f"/api/logs/{self.app_id}{path}", seconds, prefix=f"warm{per_request}",
-                                 event_name=name, per_request=per_request, expected=202, api_key=self.api_key)
-            accepted += result["acked_events"]
-        result, _ = self.wrk("otlp.lua", f"/api/otlp/{self.app_id}/v1/logs", seconds, prefix="warmo",
-                             event_name=name, per_request=self.args.batch_size, expected=200, api_key=self.api_key,
-                             extra_args=self.otlp_template(name))
-        accepted += result["ok"] * self.args.batch_size
-        self.wrk("health.lua", "/health", min(seconds, 1))
+        for mode, url in self.webs.items():
+            self.base_url = url
+            for script, path, per_request in (("single.lua", "", 1), ("batch.lua", "/batch", self.args.batch_size)):
+                result, _ = self.wrk(script, f"/api/logs/{self.app_id}{path}", seconds,
+                                     prefix=f"warm{mode}{per_request}", event_name=name, per_request=per_request,
+                                     expected=202, api_key=self.api_key)
+                accepted += result["acked_events"]
+            if self.design == "intake":
+                result, _ = self.wrk("otlp.lua", f"/api/otlp/{self.app_id}/v1/logs", seconds, prefix=f"warmo{mode}",
+                                     event_name=name, per_request=self.args.batch_size, expected=200,
+                                     api_key=self.api_key, extra_args=self.otlp_template(name))
+                accepted += result["ok"] * self.args.batch_size
+            self.wrk("health.lua", "/health", min(seconds, 1))
+        self.base_url = self.webs[self.modes[0]]
         _, drained = self.wait_drained(cur, name, accepted, self.args.drain_timeout)
         log(f"warm-up: {accepted} events {'drained' if drained else 'NOT drained'}")
 
     def phase_health(self):
         started = time.monotonic()
-        cpu_before = self.sampler.cpu_snapshot(DB_NAME)
+        cpu_before = self.sampler.cpu_snapshot(self.db_name)
         result, ended = self.wrk("health.lua", "/health", self.args.duration)
-        cpu = self.sampler.cpu_between(cpu_before, self.sampler.cpu_snapshot(DB_NAME), self.last_wrk_cpu_s)
+        cpu = self.sampler.cpu_between(cpu_before, self.sampler.cpu_snapshot(self.db_name), self.last_wrk_cpu_s)
         self.phase_windows.append(("health", started, ended, ended))
         rps = result["ok"] / result["duration_s"]
         log(f"health: {rps:,.0f} req/s, p99 {result['latency_ms']['p99']:.1f} ms, non-200 {result['other']}, "
@@ -693,23 +745,24 @@ class Bench:
         path.write_bytes(request.SerializeToString())
         return str(path), OTLP_ID_PLACEHOLDER
 
-    def phase_ingest(self, cur, kind, repeat):
+    def phase_ingest(self, cur, kind, repeat, label=None):
+        label = label or kind  # e.g. single_rate_limit_off: the same load on the other gunicorn
         per_request = 1 if kind == "single" else self.args.batch_size
         script = {"single": "single.lua", "batch": "batch.lua", "otlp": "otlp.lua"}[kind]
         path = {"single": f"/api/logs/{self.app_id}", "batch": f"/api/logs/{self.app_id}/batch",
                 "otlp": f"/api/otlp/{self.app_id}/v1/logs"}[kind]
-        name = f"bench.{kind}.r{repeat}"
+        name = f"bench.{label}.r{repeat}"
         # OTLP answers 200 with an empty body: no event ids come back, so its records are
         # counted, and checked by their unique bench.id, instead.
         expected = 200 if kind == "otlp" else 202
         extra_args = self.otlp_template(name) if kind == "otlp" else ()
-        ids_dir = self.tmp / f"ids-{kind}-{repeat}"
+        ids_dir = self.tmp / f"ids-{label}-{repeat}"
         ids_dir.mkdir()
         queue = "default" if kind == "single" else "batch_processing"
         cur.execute("CHECKPOINT")  # see phase_copy
         published_before = self.published_messages(queue)
         started = time.monotonic()
-        cpu_start = self.sampler.cpu_snapshot(DB_NAME)
+        cpu_start = self.sampler.cpu_snapshot(self.db_name)
         deadline = time.time() + self.args.duration
         # While wrk runs: after the deadline, note the load's end (stored count, CPU) and the
         # first moment nothing is pending any more (the queue may drain before wrk exits).
@@ -719,13 +772,14 @@ class Bench:
             if time.time() < deadline:
                 return
             if seen["load_end"] is None:
-                seen["load_end"] = (time.time(), self.count_events(cur, name)[0], self.sampler.cpu_snapshot(DB_NAME))
+                seen["load_end"] = (time.time(), self.count_events(cur, name)[0], self.sampler.cpu_snapshot(self.db_name))
             if self.pending_count() == 0:
                 seen["empty_at"] = seen["empty_at"] or time.time()
             else:
                 seen["empty_at"] = None
 
-        result, _ = self.wrk(script, path, self.args.duration, prefix=f"{kind[0]}{repeat}", event_name=name,
+        prefix = f"{kind[0]}{repeat}" if label == kind else f"{kind[0]}{label[-3:].strip('_')}{repeat}"
+        result, _ = self.wrk(script, path, self.args.duration, prefix=prefix, event_name=name,
                              per_request=per_request, expected=expected, api_key=self.api_key, ids_dir=ids_dir,
                              deadline=deadline, grace=self.args.grace, watch=watch, extra_args=extra_args)
         wrk_cpu_s = self.last_wrk_cpu_s
@@ -746,7 +800,7 @@ class Bench:
             # Wait for every event the server acknowledged (its ids, read from the 202 bodies).
             drained_at, drained = self.wait_drained(cur, name, target, self.args.drain_timeout)
         drain_s = max(drained_at - last_at, 0.0)
-        cpu_drained = self.sampler.cpu_snapshot(DB_NAME)
+        cpu_drained = self.sampler.cpu_snapshot(self.db_name)
         published_after = self.published_messages(queue)
         messages = None if published_before is None or published_after is None else published_after - published_before
         stored_at_drain, failed = self.count_events(cur, name)
@@ -820,7 +874,7 @@ class Bench:
             "duplicated": duplicated_rows + acked_twice,
             "stored_unacknowledged": unacknowledged_stored,
         }
-        log(f"{kind}: {figures['accepted_events_per_s']:,.0f} accepted events/s "
+        log(f"{self.design} {label}: {figures['accepted_events_per_s']:,.0f} accepted events/s "
             f"({figures['requests_per_s']:,.0f} req/s), p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms, "
             f"drain {drain_s:.2f}s, e2e {figures['e2e_events_per_s']:,.0f} events/s, stored {stored_rows}, "
             f"CPU ms/event api {figures['api_cpu_ms_per_event']:.2f} workers {figures['worker_cpu_ms_per_event']:.2f} "
@@ -854,7 +908,7 @@ class Bench:
                                     validation, payload)))
             buffer.write("\n")
         buffer.seek(0)
-        conn = psycopg2.connect(DATABASE_URL)
+        conn = psycopg2.connect(self.database_url)
         try:
             copy_cur = conn.cursor()
             started = time.perf_counter()
@@ -872,15 +926,22 @@ class Bench:
 
     def run_once(self, cur, repeat):
         self.check_stack()
+        main_url = self.webs[self.modes[0]]
         figures = {"health": self.phase_health()}
-        self.check_stack()
-        figures["single"] = self.phase_ingest(cur, "single", repeat)
+        # Single events on each gunicorn (rate limit on / off), the order alternating from run to run.
+        for mode in (self.modes if repeat % 2 else list(reversed(self.modes))):
+            self.check_stack()
+            self.base_url = self.webs[mode]
+            label = "single" if mode == self.modes[0] else f"single_rate_limit_{mode}"
+            figures[label] = self.phase_ingest(cur, "single", repeat, label=label)
+        self.base_url = main_url
         self.check_stack()
         figures["batch"] = self.phase_ingest(cur, "batch", repeat)
         self.check_stack()
-        figures["otlp"] = self.phase_ingest(cur, "otlp", repeat)
-        self.check_stack()
-        figures["copy"] = self.phase_copy(cur, figures["batch"]["rows_stored_at_drain"])
+        if self.design == "intake":  # the OTLP route and the database ceiling: Intake's run only
+            figures["otlp"] = self.phase_ingest(cur, "otlp", repeat)
+            self.check_stack()
+            figures["copy"] = self.phase_copy(cur, figures["batch"]["rows_stored_at_drain"])
         figures["ratios"] = ratios(figures)
         return figures
 
@@ -939,23 +1000,23 @@ class Bench:
         }
 
 
-def processes(args) -> str:
+def processes(args, design="intake") -> str:
     """The pool processes of the bench's workers, for the log and the JSON."""
     if args.worker_concurrency:
         return f"-c{args.worker_concurrency}"
-    return "-c2" if args.shared_worker else "default -c2, batch_processing -c4"
+    return "-c2" if args.shared_worker or design == "stock" else "default -c2, batch_processing -c4"
 
 
 def ratios(figures):
     health = figures["health"]["requests_per_s"]
-    copy = figures["copy"]["rows_per_s"]
+    copy = figures.get("copy", {}).get("rows_per_s")
     return {
         "single_e2e_over_health": figures["single"]["e2e_events_per_s"] / health if health else None,
         "single_accepted_over_health": figures["single"]["accepted_events_per_s"] / health if health else None,
         "batch_e2e_over_copy": figures["batch"]["e2e_events_per_s"] / copy if copy else None,
         "batch_accepted_over_copy": figures["batch"]["accepted_events_per_s"] / copy if copy else None,
         "otlp_e2e_over_batch_e2e": (figures["otlp"]["e2e_events_per_s"] / figures["batch"]["e2e_events_per_s"]
-                                    if figures["batch"]["e2e_events_per_s"] else None),
+                                    if "otlp" in figures and figures["batch"]["e2e_events_per_s"] else None),
     }
 
 
@@ -1048,6 +1109,14 @@ def parse_args(argv=None):
     parser.add_argument("--shared-worker", action="store_true",
                         help="one Celery worker for both queues instead of one per queue (start_celery_worker.sh)")
     parser.add_argument("--log-level", default="INFO", help="Celery workers' log level (as deployed: INFO)")
+    parser.add_argument("--designs", default="intake",
+                        help="comma-separated, run in this order: intake, stock (bench/stock/: the design of the "
+                             "seeds, on the same loads, after Intake's processes stop)")
+    parser.add_argument("--rate-limit", choices=("on", "off", "both"), default="off",
+                        help="per-app rate limit (--rate-limit-value, never reached) on the API; both: one gunicorn "
+                             "with and one without, single events on each (alternating), everything else with")
+    parser.add_argument("--rate-limit-value", default="1000000/second",
+                        help="INGEST_RATE_LIMIT of Intake and the stock design's Flask-Limiter limit")
     parser.add_argument("--keep-logs", action="store_true", help="copy the processes' logs to bench/results/logs")
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json", help="where to write the JSON")
     args = parser.parse_args(argv)
@@ -1056,6 +1125,10 @@ def parse_args(argv=None):
     args.duration = int(round(args.duration))
     args.warmup = int(round(args.warmup))
     args.threads = min(args.threads, args.connections)
+    args.designs = [d.strip() for d in args.designs.split(",") if d.strip()]
+    if not args.designs or set(args.designs) - {"intake", "stock"}:
+        parser.error("--designs takes intake and/or stock")
+    args.modes = {"on": ["on"], "off": ["off"], "both": ["on", "off"]}[args.rate_limit]
     return args
 
 
@@ -1063,19 +1136,9 @@ def raise_interrupt(signum, _frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if shutil.which("wrk") is None:
-        print("bench: wrk is not installed. Install it with:\n"
-              "    apt-get update && apt-get install -y wrk\n"
-              "(`make bench` does this when run as root).", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGINT, raise_interrupt)
-    signal.signal(signal.SIGTERM, raise_interrupt)
-    signal.signal(signal.SIGHUP, raise_interrupt)
-    bench = Bench(args)
-    started = time.monotonic()
-    load_before = os.getloadavg()
+def measure(args, design):
+    """Set up one design's stack, run its phases --repeat times, tear it down: (runs, rss)."""
+    bench = Bench(args, design, args.modes)
     runs = []
     try:
         bench.setup()
@@ -1084,27 +1147,28 @@ def main(argv=None):
         cur = conn.cursor()
         bench.warm_up(cur)
         for repeat in range(1, args.repeat + 1):
-            log(f"run {repeat}/{args.repeat}")
+            log(f"{design}: run {repeat}/{args.repeat}")
             runs.append(bench.run_once(cur, repeat))
         conn.close()
-        rss = bench.rss_report()
-    except KeyboardInterrupt:
-        log("interrupted: stopping the stack")
-        return 130
-    except BenchError as error:
-        log(f"error: {error}")
-        return 1
+        return runs, bench.rss_report()
     finally:
         # Ignore further Ctrl-C / SIGTERM while cleaning up, so that nothing is left behind.
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
         bench.teardown()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, raise_interrupt)
 
+
+def summarize(args, design, runs, rss, load_before, started):
+    """One design's JSON: medians over the runs, fault counts summed (the fields bench/README.md lists)."""
     summary = median_of(runs)
     summary["ratios"] = median_of([run["ratios"] for run in runs])
-    single, batch, otlp = summary["single"], summary["batch"], summary["otlp"]
+    single, batch, otlp = summary["single"], summary["batch"], summary.get("otlp")
+    extra = {key: summary[key] for key in summary if key.startswith("single_rate_limit_")}
+    checked = [single, batch, *extra.values(), *([otlp] if otlp else [])]
     result = {
-        "bench": "intake ingestion",
+        "bench": "intake ingestion" if design == "intake" else f"{design} design (bench/{design}/)",
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git": git_commit(),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
@@ -1115,13 +1179,17 @@ def main(argv=None):
                     "foreign_load_cores": {"health": summary["health"]["cpu_s"]["foreign_cores"],
                                            "single": single["cpu_s_load"]["foreign_cores"],
                                            "batch": batch["cpu_s_load"]["foreign_cores"],
-                                           "otlp": otlp["cpu_s_load"]["foreign_cores"]}},
+                                           **{key: value["cpu_s_load"]["foreign_cores"]
+                                              for key, value in extra.items()},
+                                           **({"otlp": otlp["cpu_s_load"]["foreign_cores"]} if otlp else {})}},
         "config": {"duration_s": args.duration, "connections": args.connections, "wrk_threads": args.threads,
                    "repeat": args.repeat, "batch_size": args.batch_size, "warmup_s": args.warmup,
                    "gunicorn": f"gthread {args.web_workers} workers x {args.web_threads} threads",
-                   "celery": f"prefork {processes(args)}, "
+                   "celery": f"prefork {processes(args, design)}, "
                              f"{'one worker for both queues' if args.shared_worker else 'one worker per queue'}",
-                   "worker_log_level": args.log_level},
+                   "worker_log_level": args.log_level,
+                   # "on": `single`, `batch` and /health ran with the limit; "both": `single_rate_limit_off` without.
+                   "rate_limit": args.rate_limit, "rate_limit_value": args.rate_limit_value},
         "health_rps": summary["health"]["requests_per_s"],
         "single_accepted_per_s": single["accepted_events_per_s"],
         "single_p50_ms": single["p50_ms"],
@@ -1132,12 +1200,12 @@ def main(argv=None):
         "batch_p50_ms": batch["p50_ms"],
         "batch_p99_ms": batch["p99_ms"],
         "batch_e2e_events_per_s": batch["e2e_events_per_s"],
-        "otlp_requests_per_s": otlp["requests_per_s"],
-        "otlp_accepted_records_per_s": otlp["accepted_events_per_s"],
-        "otlp_p50_ms": otlp["p50_ms"],
-        "otlp_p99_ms": otlp["p99_ms"],
-        "otlp_e2e_records_per_s": otlp["e2e_events_per_s"],
-        "copy_rows_per_s": summary["copy"]["rows_per_s"],
+        "otlp_requests_per_s": otlp and otlp["requests_per_s"],
+        "otlp_accepted_records_per_s": otlp and otlp["accepted_events_per_s"],
+        "otlp_p50_ms": otlp and otlp["p50_ms"],
+        "otlp_p99_ms": otlp and otlp["p99_ms"],
+        "otlp_e2e_records_per_s": otlp and otlp["e2e_events_per_s"],
+        "copy_rows_per_s": summary.get("copy", {}).get("rows_per_s"),
         "ratios": summary["ratios"],
         # Where the CPU goes (ms of CPU per event; /health: per request) and group commit.
         "cpu_ms": {
@@ -1154,26 +1222,123 @@ def main(argv=None):
         "worker_pool_peak_rss_mb": rss.get("worker_pool_peak_rss_mb"),
         "worker_main_peak_rss_mb": rss.get("worker_main_peak_rss_mb"),
         "worker_rss_flat": rss.get("worker_rss_flat"),
-        "lost": single["lost"] + batch["lost"] + otlp["lost"],
-        "duplicated": single["duplicated"] + batch["duplicated"] + otlp["duplicated"],
-        "non_202": single["non_202"] + batch["non_202"] + otlp["non_202"],  # OTLP: responses other than 200
-        # 202 responses x events per request == rows in `events`, in both phases.
-        "stored_equals_accepted": (single["count_check_stored_minus_accepted"] == 0
-                                   and batch["count_check_stored_minus_accepted"] == 0
-                                   and otlp["count_check_stored_minus_accepted"] == 0),
-        "drained": single["drained"] and batch["drained"] and otlp["drained"],
+        "lost": sum(phase["lost"] for phase in checked),
+        "duplicated": sum(phase["duplicated"] for phase in checked),
+        "non_202": sum(phase["non_202"] for phase in checked),  # OTLP: responses other than 200
+        # 202 responses x events per request == rows in `events`, in every ingest phase.
+        "stored_equals_accepted": all(phase["count_check_stored_minus_accepted"] == 0 for phase in checked),
+        "drained": all(phase["drained"] for phase in checked),
         "targets": None,
         "health": summary["health"],
         "single": single,
+        **extra,
         "batch": batch,
         "otlp": otlp,
-        "copy": summary["copy"],
+        "copy": summary.get("copy"),
         "rss": rss,
         "runs": runs if args.repeat > 1 else None,
         "wall_s": time.monotonic() - started,
     }
-    result["targets"] = verdicts(result)
+    if design == "intake":
+        result["targets"] = verdicts(result)
+    else:
+        result.pop("targets")
     result["correct"] = result["lost"] == 0 and result["duplicated"] == 0 and result["drained"]
+    return result
+
+
+def side_by_side(args, results):
+    """The issue 15 figures of each design, their ratios and the targets (reported, never asserted)."""
+    def figures(result):
+        off = result.get("single_rate_limit_off")
+        on = result["single"] if args.rate_limit in ("on", "both") else None
+        return {
+            "health_rps": result["health_rps"],
+            "single_e2e_rate_limit_on": on["e2e_events_per_s"] if on else None,
+            "single_e2e_rate_limit_off": off["e2e_events_per_s"] if off else
+            (result["single_e2e_events_per_s"] if args.rate_limit == "off" else None),
+            "batch_e2e": result["batch_e2e_events_per_s"],
+            "single_p99_ms": result["single_p99_ms"],
+            "api_worker_peak_rss_mb": result["api_worker_peak_rss_mb"],
+            "correct": result["correct"],
+            "foreign_load_cores": result["machine"]["foreign_load_cores"],
+        }
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    designs = {name: figures(result) for name, result in results.items()}
+    intake, stock = designs.get("intake"), designs.get("stock")
+    single_key = "single_e2e_rate_limit_on" if args.rate_limit != "off" else "single_e2e_rate_limit_off"
+    ratios_ = {}
+    for name, design in designs.items():
+        ratios_[f"{name}_single_over_health"] = ratio(design[single_key], design["health_rps"])
+        ratios_[f"{name}_single_over_health_rate_limit_off"] = ratio(design["single_e2e_rate_limit_off"],
+                                                                     design["health_rps"])
+        cost = ratio(design["single_e2e_rate_limit_on"], design["single_e2e_rate_limit_off"])
+        ratios_[f"{name}_rate_limit_cost"] = None if cost is None else 1 - cost
+    if intake and stock:
+        ratios_["single_intake_over_stock"] = ratio(intake[single_key], stock[single_key])
+        ratios_["batch_intake_over_stock"] = ratio(intake["batch_e2e"], stock["batch_e2e"])
+    limit_on = args.rate_limit != "off"
+
+    def verdict(value, target, minimum=None, at_most=False):
+        if value is None:
+            return {"value": None}
+        meets = (lambda bound: value <= bound) if at_most else (lambda bound: value >= bound)
+        entry = {"value": value, "target": target, "meets_target": meets(target)}
+        if minimum is not None:
+            entry.update(minimum=minimum, meets_minimum=meets(minimum))
+        return entry
+
+    targets = {
+        "single_intake_over_stock": verdict(ratios_.get("single_intake_over_stock"), 2.5, 2.0),
+        "batch_intake_over_stock": verdict(ratios_.get("batch_intake_over_stock"), 2.5, 2.0),
+        "intake_single_over_health": verdict(ratios_.get("intake_single_over_health"), 0.4, 0.3),
+        "intake_rate_limit_cost": verdict(ratios_.get("intake_rate_limit_cost"), 0.05, at_most=True),
+        "intake_single_p99_ms": verdict(intake["single_p99_ms"] if intake else None, 20.0, at_most=True),
+        "intake_api_worker_peak_rss_mb": verdict(intake["api_worker_peak_rss_mb"] if intake else None, 150.0,
+                                                 at_most=True),
+    }
+    return {"rate_limit": args.rate_limit_value if limit_on else None,
+            "figures": "events stored per second end to end (health: requests/s); single and batch with the "
+                       "rate limit on when it ran, single_e2e_rate_limit_off without",
+            "designs": designs, "ratios": ratios_, "targets": targets}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("bench: wrk is not installed. Install it with:\n"
+              "    apt-get update && apt-get install -y wrk\n"
+              "(`make bench` does this when run as root).", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGINT, raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    signal.signal(signal.SIGHUP, raise_interrupt)
+    started = time.monotonic()
+    results = {}
+    try:
+        for design in args.designs:
+            design_started, load_before = time.monotonic(), os.getloadavg()
+            runs, rss = measure(args, design)
+            results[design] = summarize(args, design, runs, rss, load_before, design_started)
+    except KeyboardInterrupt:
+        log("interrupted: stopping the stack")
+        return 130
+    except BenchError as error:
+        log(f"error: {error}")
+        return 1
+
+    # The first design's figures at the top level (Intake's by default: the fields the README
+    # quotes), every design's beside it, and the comparison.
+    first = args.designs[0]
+    result = dict(results[first])
+    if len(results) > 1 or args.rate_limit == "both":
+        result["designs"] = {name: value for name, value in results.items() if name != first}
+        result["comparison"] = side_by_side(args, results)
+    result["wall_s"] = time.monotonic() - started
+    result["correct"] = all(value["correct"] for value in results.values())
     result = rounded(result)
     text = json.dumps(result, indent=2)
     args.output.parent.mkdir(parents=True, exist_ok=True)
