@@ -138,6 +138,35 @@ INGEST_ERRORS = {
 JSON_BODY = {"application/json": {"schema": EVENT}}
 
 
+# OTLP/HTTP answers in the request's encoding, errors as a google.rpc.Status (API.md section 4);
+# our error code rides in its ErrorInfo `reason`.
+RPC_STATUS = {
+    "type": "object",
+    "description": "google.rpc.Status: `code` (gRPC), `message`, `details` (an ErrorInfo whose `reason` is our code).",
+    "properties": {"code": {"type": "integer"}, "message": {"type": "string"},
+                   "details": {"type": "array", "items": {"type": "object"}}},
+}
+OTLP_ERRORS = {
+    400: ["invalid_json", "invalid_body", "invalid_encoding"],
+    401: ["invalid_api_key"],
+    404: ["app_not_found"],
+    413: ["payload_too_large"],
+    415: ["unsupported_media_type", "unsupported_encoding"],
+    429: ["rate_limited"],
+    500: ["internal_error"],
+    503: ["queue_unavailable", "service_unavailable"],
+}
+OTLP_CONTENT = {"application/x-protobuf": {"schema": {"type": "string", "format": "binary"}},
+                "application/json": {"schema": {"type": "object"}}}
+
+
+def _otlp_errors() -> dict:
+    return {str(status): {"description": describe(status, names) + " Body: a google.rpc.Status.",
+                          "content": {"application/json": {"schema": RPC_STATUS},
+                                      "application/x-protobuf": {"schema": {"type": "string", "format": "binary"}}}}
+            for status, names in OTLP_ERRORS.items()}
+
+
 def _plain_routes() -> dict:
     """URL rule -> OpenAPI operations, for the routes flask-smorest does not see (ingestion, operations)."""
     key = [{API_KEY: []}]
@@ -177,6 +206,18 @@ def _plain_routes() -> dict:
                 **_errors({401: ["invalid_api_key"], 404: ["app_not_found", "event_not_found"],
                            500: ["internal_error"], 503: ["service_unavailable"]}),
             },
+        }},
+        "/api/otlp/<app_id>/v1/logs": {"post": {
+            "tags": ["Ingestion"], "summary": "OpenTelemetry logs (OTLP/HTTP): one event per log record.",
+            "security": key,
+            "requestBody": {"required": True, "content": {
+                "application/x-protobuf": {"schema": {"type": "string", "format": "binary"}},
+                "application/json": {"schema": {"type": "object", "description": "ExportLogsServiceRequest, "
+                                                "in the OTLP JSON mapping."}}}},
+            "responses": {"200": {"description": "Every accepted record is durably queued: an "
+                                                 "ExportLogsServiceResponse, with `partialSuccess` when records "
+                                                 "were refused.", "content": OTLP_CONTENT},
+                          **_otlp_errors()},
         }},
         "/health": {"get": {
             "tags": ["Operations"], "summary": "Alive (touches no dependency).",

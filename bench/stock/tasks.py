@@ -2,7 +2,8 @@
 
 Written plainly, as a newcomer would from the seeds: Celery's defaults (early acks, prefetch 4,
 no result backend), a psycopg2 connection per worker process, INSERT + COMMIT per event and
-one multi-row INSERT per batch, into the same `events` table as Intake (its migrations).
+one multi-row INSERT per batch, into the same `events` table as Intake (its migrations; partitioned
+there, so ON CONFLICT has no unique index to meet: the bench ids never repeat).
 """
 import json
 import os
@@ -23,7 +24,7 @@ celery.conf.update(
 LEVELS = {"debug": "debug", "info": "info", "warning": "warning", "warn": "warning", "error": "error",
           "critical": "critical", "fatal": "critical"}
 INSERT = ("INSERT INTO events (app_id, event_id, event_name, level, user_id, timestamp, received_at, processed_at, "
-          "validation, payload) VALUES %s ON CONFLICT (app_id, event_id) DO NOTHING")
+          "validation, payload) VALUES %s ON CONFLICT DO NOTHING")
 _connection = None
 
 
