@@ -51,4 +51,6 @@ def create_app(config: dict | None = None) -> Flask:
     logs.init_app(app)
     metrics.init_app(app)
     limits.init_app(app)
+    from app.console.views import bp as console_bp
+    app.register_blueprint(console_bp)
     return app
