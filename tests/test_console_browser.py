@@ -55,6 +55,7 @@ def test_the_console_journey_in_a_browser(stack, smtp_server, page, app):  # noq
     controller, inbox = smtp_server
     stack.web(workers=1, threads=4)
     stack.worker(MAIL_SERVER="127.0.0.1", MAIL_PORT=str(controller.port), MAIL_USE_TLS="false")
+    stack.beat()  # redelivers the retried group until it is a dead letter
     base = stack.base_url
     email = "grace@example.com"
 
@@ -129,15 +130,27 @@ def test_the_console_journey_in_a_browser(stack, smtp_server, page, app):  # noq
     expect(page.get_by_text("No failed events.")).to_be_visible()
 
     # The other pages render without errors.
-    for name in ("Rules", "Send your first event", "Settings"):
-        page.get_by_role("link", name=name).click()
-    expect(page.get_by_text(f"/api/logs/{app_id}").first).to_be_visible()
+    page.get_by_role("link", name="Rules").click()
+    expect(page.get_by_role("heading", name="New rule")).to_be_visible()
+    page.get_by_role("link", name="Send your first event").click()
+    expect(page.get_by_text(f"{base}/api/logs/{app_id}").first).to_be_visible()
+
+    # Rename and rotate the key from the settings page: the old key stops, the new one is shown once.
+    page.get_by_role("link", name="Settings").click()
+    page.get_by_label("Name", exact=True).fill("shop-2")
+    page.get_by_role("button", name="Rename").click()
+    expect(page.get_by_text("Renamed to shop-2.")).to_be_visible()
+    page.get_by_role("button", name="Rotate the key").click()
+    new_key = page.get_by_label("App key").input_value()
+    assert new_key != key
+    assert stack.post(f"/api/logs/{app_id}", {"event_name": "x"}, headers={"X-API-Key": key}).status_code == 401
+    send(stack, app_id, new_key, event_name="after-rotation")
     assert page.js_errors == []
 
     # A change without the CSRF token is refused, and changes nothing.
     refused = page.request.post(base + f"/console/apps/{app_id}/rename", form={"name": "hijacked"})
     assert refused.status == 400 and "CSRF" in refused.text()
-    assert sql("SELECT name FROM apps WHERE id = %s", app_id)[0][0] == "shop"
+    assert sql("SELECT name FROM apps WHERE id = %s", app_id)[0][0] == "shop-2"
 
     # Another user's app is 404 in the browser too.
     other = sql("INSERT INTO users (id, email, password_hash, created_at) VALUES (%s, 'o@example.com', 'x', now())"
@@ -146,6 +159,10 @@ def test_the_console_journey_in_a_browser(stack, smtp_server, page, app):  # noq
                   " VALUES (%s, %s, 'theirs', 'h', 30, now()) RETURNING id", str(uuid.uuid4()), other)[0][0]
     for path in ("", "/charts", "/failed", "/rules", "/settings", "/tail"):
         assert page.goto(base + f"/console/apps/{foreign}{path}").status == 404
+        expect(page.get_by_role("heading", name="Not found")).to_be_visible()
+    # Chromium logs each 404 document it was sent to as a console error: those were the point.
+    assert all("404" in error for error in page.js_errors)
+    page.js_errors.clear()
 
     # Signed out, every console URL leads to sign-in.
     page.goto(base + f"/console/apps/{app_id}")

@@ -307,15 +307,20 @@ def charts(app_id):
 
 
 def _chart_data(stats) -> dict:
-    """The series summed over event names: one point per bucket start, one count per level."""
-    by_start = {}
+    """The series summed over event names: one point per bucket of the range (empty ones 0), one count per level."""
+    size = int(rollups.BUCKETS[stats["bucket"]][1].total_seconds())
+    def seconds(iso):
+        return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp())
+    first, until = seconds(stats["since"]) // size * size, seconds(stats["until"])
+    times = list(range(first, until, size))
+    index = {start: i for i, start in enumerate(times)}
+    levels = {level: [0] * len(times) for level in LEVELS}
     for point in stats["series"]:
-        counts = by_start.setdefault(point["start"], dict.fromkeys(LEVELS, 0))
-        for level, count in point["by_level"].items():
-            counts[level] += count
-    starts = sorted(by_start)
-    times = [datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp() for s in starts]
-    return {"times": times, "levels": {level: [by_start[s][level] for s in starts] for level in LEVELS}}
+        i = index.get(seconds(point["start"]) // size * size)
+        if i is not None:
+            for level, count in point["by_level"].items():
+                levels[level][i] += count
+    return {"times": times, "levels": levels}
 
 
 # --- rules -----------------------------------------------------------------------------------
