@@ -18,7 +18,7 @@ install: $(STAMP)
 run: install
 	mkdir -p instance
 	$(BIN)/flask --app run db upgrade
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python run_local.py start web worker emails batch beat
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python run_local.py start web worker emails batch beat flower
 
 # The whole suite against real PostgreSQL and Redis (see tests/conftest.py for the URLs).
 test: install

@@ -35,6 +35,7 @@ def create_app(config: dict | None = None) -> Flask:
 
     # tasks register themselves with Celery
     from app import accounts, cli, errors, invalidation, limits, logs, metrics, openapi, tasks  # noqa: F401
+    from app.console.views import bp as console_bp
     from app.ingest.views import bp as ingest_bp
     from app.ingest.views import otlp_bp
     from app.manage.views import BLUEPRINTS as manage_blueprints
@@ -48,6 +49,7 @@ def create_app(config: dict | None = None) -> Flask:
     for blueprint in manage_blueprints:
         api.register_blueprint(blueprint)
     invalidation.init_app(app)
+    app.register_blueprint(console_bp)
     errors.register_error_handlers(app)
     cli.register_commands(app)
     logs.init_app(app)

@@ -108,3 +108,14 @@ class Config:
         # The docs page's Swagger UI assets are vendored in app/static/swagger-ui (app/openapi.py serves them).
         self.OPENAPI_SWAGGER_UI_PATH = "docs"
         self.OPENAPI_SWAGGER_UI_URL = "/api/docs/assets/"
+        # Console (/console): the same JWTs in cookies too. HttpOnly cookies, Secure in production,
+        # SameSite=Lax; every change carries the double-submit CSRF token (a form field or the header).
+        self.JWT_TOKEN_LOCATION = ["headers", "cookies"]
+        self.JWT_COOKIE_SECURE = self.APP_ENV == "production"
+        self.JWT_COOKIE_SAMESITE = "Lax"
+        self.JWT_COOKIE_CSRF_PROTECT = True
+        self.JWT_CSRF_CHECK_FORM = True
+        self.JWT_ACCESS_CSRF_FIELD_NAME = "csrf_token"
+        self.JWT_SESSION_COOKIE = False
+        self.SESSION_COOKIE_SECURE = self.JWT_COOKIE_SECURE  # the console's flash messages
+        self.SESSION_COOKIE_SAMESITE = "Lax"

@@ -303,3 +303,12 @@ def make_user(app):
             return user.id, {"Authorization": f"Bearer {create_access_token(identity=user.id)}"}
 
     return make
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each test's call report on its item (the console's browser fixture screenshots on failure)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call":
+        item.rep_call = report
