@@ -1,0 +1,18 @@
+"""`python -m app.flower [OPTIONS]`: Celery's Flower, logging JSON lines like every other process."""
+import logging
+import sys
+
+from app.logs import configure
+
+
+def main() -> None:
+    configure()
+    logging.captureWarnings(True)
+    from run import celery
+
+    # --logging=none: tornado adds no plain-text handler of its own; the root JSON handler prints.
+    celery.start(["flower", "--logging=none", *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    main()
