@@ -139,15 +139,7 @@ def app_stats(app_id: str, *, bucket: str = "hour", since=None, until=None, even
     if (until - first) / size > MAX_BUCKETS:
         raise ApiError(400, "invalid_query",
                        f"At most {MAX_BUCKETS} {bucket} buckets per answer: narrow since/until or use a larger bucket.")
-    rows = with_reconnect(lambda: _series_rows(app_id, code, first, until, event_name))
-    totals = dict.fromkeys(LEVELS, 0)
-    series = []
-    for row in rows:
-        by_level = {level: getattr(row, level) for level in LEVELS if getattr(row, level)}
-        for level, count in by_level.items():
-            totals[level] += count
-        series.append({"start": _iso(row.start), "event_name": row.event_name, "count": sum(by_level.values()),
-                       "by_level": by_level, "users": row.users})
+    series, totals = with_reconnect(lambda: _series(app_id, code, first, until, event_name))
     total = sum(totals.values())
     return {
         "bucket": bucket, "since": _iso(since), "until": _iso(until),
@@ -157,18 +149,53 @@ def app_stats(app_id: str, *, bucket: str = "hour", since=None, until=None, even
     }
 
 
-def series_query(app_id: str, code: str, first: datetime, until: datetime, event_name: str | None):
-    """The one query the series and totals come from (tests EXPLAIN it)."""
+# PostgreSQL writes the series as one JSON text: 30 days of hours for ten names are 7,200
+# rows, which cost far more to hand to Python row by row and format there (about 1.5 x) or
+# to build with json_build_object (about 2.5 x) than to concatenate where they are.
+# Names go through to_json (escaping); everything else is digits and fixed text.
+_BY_LEVEL = ", ".join(f"CASE WHEN {level} > 0 THEN '\"{level}\":' || {level} END" for level in LEVELS)
+SERIES = f"""
+SELECT '[' || coalesce(string_agg(
+           '{{"start":"' || to_char(start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+           || '","event_name":' || to_json(event_name)::text
+           || ',"count":' || ({" + ".join(LEVELS)})
+           || ',"by_level":{{' || concat_ws(',', {_BY_LEVEL})
+           || '}},"users":' || users || '}}',
+           ',' ORDER BY start, event_name), '') || ']',
+       {", ".join(f"coalesce(sum({level}), 0)" for level in LEVELS)}
+FROM rollups
+WHERE app_id = %(app_id)s AND bucket = %(bucket)s AND start >= %(first)s AND start < %(until)s
+  AND (%(event_name)s::text IS NULL OR event_name = %(event_name)s)"""
+
+
+def series_parameters(app_id, code, first, until, event_name) -> dict:
+    return {"app_id": app_id, "bucket": code, "first": first, "until": until, "event_name": event_name}
+
+
+def _series(app_id, code, first, until, event_name) -> tuple[list, dict]:
+    parameters = series_parameters(app_id, code, first, until, event_name)
+    if db.engine.dialect.name == "postgresql":
+        row = db.session.connection().exec_driver_sql(SERIES, parameters).one()
+        db.session.rollback()
+        return orjson.loads(row[0]), dict(zip(LEVELS, map(int, row[1:])))
+    totals, series = dict.fromkeys(LEVELS, 0), []
+    for row in db.session.execute(series_query(**parameters)).all():
+        by_level = {level: getattr(row, level) for level in LEVELS if getattr(row, level)}
+        for level, count in by_level.items():
+            totals[level] += count
+        series.append({"start": _iso(row.start), "event_name": row.event_name, "count": sum(by_level.values()),
+                       "by_level": by_level, "users": row.users})
+    return series, totals
+
+
+def series_query(app_id: str, bucket: str, first: datetime, until: datetime, event_name: str | None):
+    """The rollup rows of a series, oldest first (the embedded SQLite default formats them in Python)."""
     query = (
         sa.select(Rollup.start, Rollup.event_name, *(getattr(Rollup, level) for level in LEVELS), Rollup.users)
-        .where(Rollup.app_id == app_id, Rollup.bucket == code, Rollup.start >= first, Rollup.start < until)
+        .where(Rollup.app_id == app_id, Rollup.bucket == bucket, Rollup.start >= first, Rollup.start < until)
         .order_by(Rollup.start, Rollup.event_name)
     )
     return query if event_name is None else query.where(Rollup.event_name == event_name)
-
-
-def _series_rows(app_id, code, first, until, event_name):
-    return db.session.execute(series_query(app_id, code, first, until, event_name)).all()
 
 
 def ingestion(app_id: str, since: datetime, until: datetime, event_name: str | None, *, rolled_up: int) -> dict:
@@ -185,7 +212,8 @@ def ingestion(app_id: str, since: datetime, until: datetime, event_name: str | N
     return {"accepted": stored + failed + pending, "stored": stored, "failed": failed, "lag_seconds": round(lag, 3)}
 
 
-def _stored_and_failed(app_id, since, until, event_name):
+def ingestion_queries(app_id, since, until, event_name):
+    """Events stored but not folded yet, and failed events, timestamped in [since, until)."""
     deltas = sa.select(sa.func.coalesce(sa.func.sum(rollup_deltas.c.count), 0)).where(
         rollup_deltas.c.app_id == app_id, rollup_deltas.c.minute >= since, rollup_deltas.c.minute < until)
     if event_name is not None:
@@ -196,7 +224,14 @@ def _stored_and_failed(app_id, since, until, event_name):
         FailedEvent.app_id == app_id, stamp >= _micros(since), stamp < _micros(until))
     if event_name is not None:
         failed = failed.where(FailedEvent.event["event_name"].as_string() == event_name)
-    return int(db.session.scalar(deltas)), int(db.session.scalar(failed))
+    return deltas, failed
+
+
+def _stored_and_failed(app_id, since, until, event_name):
+    deltas, failed = ingestion_queries(app_id, since, until, event_name)
+    counts = int(db.session.scalar(deltas)), int(db.session.scalar(failed))
+    db.session.rollback()
+    return counts
 
 
 def pending_events(store, app_id, since, until, event_name, limit=10_000) -> tuple[int, int | None]:

@@ -71,11 +71,12 @@ def test_postgresql_upgrade_keeps_every_event_and_its_idempotency(scratch_postgr
     cursor.execute("SELECT count(*) FROM event_keys")
     assert cursor.fetchone() == (4,)
     # Idempotency survives: the same keys are skipped by the new write path; ids continue.
-    from app.events import INSERT_GROUP
+    from app.events import EXECUTE_INSERT_GROUP, PREPARE_INSERT_GROUP
     group = [{"app_id": "app", "event_id": e, "event_name": "view", "level": "info", "user_id": None,
               "timestamp": 1_764_496_800_000_000, "received_at": 1_764_496_800_000_000, "validation": {},
               "payload": {"n": "again"}} for e in ("a", "d", "new")]
-    cursor.execute(INSERT_GROUP, (json.dumps(group),))
+    cursor.execute(PREPARE_INSERT_GROUP)
+    cursor.execute(EXECUTE_INSERT_GROUP, (json.dumps(group),))
     cursor.execute("SELECT event_id, payload->>'n' FROM events ORDER BY id")
     assert cursor.fetchall() == [(e, e) for e, _, _ in ROWS] + [("new", "again")]
     conn.close()

@@ -177,13 +177,19 @@ def test_stats_queries_touch_the_rollups_never_events(ctx, app_id):
 
     connection = db.session.connection()
     since, until = datetime.now(UTC) - timedelta(days=30), datetime.now(UTC)
+    cursor = connection.connection.cursor()
     for name in (None, "page_view"):
-        query = rollups.series_query(app_id, "h", since, until, name)
-        compiled = query.compile(connection, compile_kwargs={"literal_binds": True})
-        plan = json.dumps(connection.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {compiled}".replace("%", "%%")).scalar())
-        relations = {value for key, value in _walk(json.loads(plan)) if key == "Relation Name"}
-        assert relations == {"rollups"}, relations
+        series = cursor.mogrify(rollups.SERIES, rollups.series_parameters(app_id, "h", since, until, name)).decode()
+        assert relations(connection, series) == {"rollups"}
+        for query in rollups.ingestion_queries(app_id, since, until, name):
+            compiled = str(query.compile(connection, compile_kwargs={"literal_binds": True}))
+            assert relations(connection, compiled) <= {"rollup_deltas", "failed_events"}
     db.session.rollback()
+
+
+def relations(connection, statement):
+    plan = connection.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {statement}".replace("%", "%%")).scalar()
+    return {value for key, value in _walk(plan) if key == "Relation Name"}
 
 
 def _walk(node):
