@@ -208,3 +208,11 @@ def test_cli_rollups_refresh_prints_the_events_rolled_up(ctx, app_id, runner):
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == {"events_rolled_up": 3}
     assert json.loads(runner.invoke(args=["rollups", "refresh"]).output) == {"events_rolled_up": 0}
+
+
+def test_event_names_with_quotes_backslashes_and_unicode_come_back_exactly(ctx, app_id):
+    names = ['say "hi"', "back\\slash", "naïve ✓ 😀", "tab\tnew\nline", "</script>"]
+    events.store_events([make_event(app_id, event_id=f"n{i}", event_name=name) for i, name in enumerate(names)])
+    rollups.refresh()
+    series = rollups.app_stats(app_id, bucket="day")["series"]
+    assert sorted(row["event_name"] for row in series) == sorted(names)
