@@ -133,9 +133,9 @@ def compare(rows=100_000, sizes=(4, 100), rounds=4) -> dict:
         folded = 0
         while True:
             cursor.execute(FOLD, {"limit": 20_000})
-            step = cursor.fetchone()[0]
+            step, rows = cursor.fetchone()
             folded += step
-            if step == 0:
+            if rows < 20_000:
                 break
         fold_s = time.perf_counter() - started
         result["rollup_fold"] = {"events": int(events), "delta_rows": deltas, "folded": int(folded),
