@@ -157,23 +157,16 @@ def app_stats(app_id: str, *, bucket: str = "hour", since=None, until=None, even
     }
 
 
-# PostgreSQL writes the series as one JSON text: 30 days of hours for ten names are 7,200
-# rows, which cost far more to hand to Python row by row and format there (about 1.5 x) or
-# to build with json_build_object (about 2.5 x) than to concatenate where they are.
-# Names go through to_json (escaping); everything else is digits and fixed text.
-_BY_LEVEL = ", ".join(f"CASE WHEN {level} > 0 THEN '\"{level}\":' || {level} END" for level in LEVELS)
+# PostgreSQL hands the start over as epoch seconds: 30 days of hours for ten names are
+# 7,200 rows, and parsing each timestamptz cost more than the rest of the row. (Measured per
+# call on those rows, client + server CPU: these rows formatted in Python 36 ms; the whole
+# series built as JSON text by the server 46 ms; with json_build_object about twice that.)
 SERIES = f"""
-SELECT '[' || coalesce(string_agg(
-           '{{"start":"' || to_char(start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
-           || '","event_name":' || to_json(event_name)::text
-           || ',"count":' || ({" + ".join(LEVELS)})
-           || ',"by_level":{{' || concat_ws(',', {_BY_LEVEL})
-           || '}},"users":' || users || '}}',
-           ',' ORDER BY start, event_name), '') || ']',
-       {", ".join(f"coalesce(sum({level}), 0)" for level in LEVELS)}
+SELECT extract(epoch FROM start)::bigint, event_name, {", ".join(LEVELS)}, users
 FROM rollups
 WHERE app_id = %(app_id)s AND bucket = %(bucket)s AND start >= %(first)s AND start < %(until)s
-  AND (%(event_name)s::text IS NULL OR event_name = %(event_name)s)"""
+  AND (%(event_name)s::text IS NULL OR event_name = %(event_name)s)
+ORDER BY start, event_name"""
 
 
 def series_parameters(app_id, code, first, until, event_name) -> dict:
@@ -183,21 +176,28 @@ def series_parameters(app_id, code, first, until, event_name) -> dict:
 def _series(app_id, code, first, until, event_name) -> tuple[list, dict]:
     parameters = series_parameters(app_id, code, first, until, event_name)
     if db.engine.dialect.name == "postgresql":
-        row = db.session.connection().exec_driver_sql(SERIES, parameters).one()
-        db.session.rollback()
-        return orjson.loads(row[0]), dict(zip(LEVELS, map(int, row[1:])))
-    totals, series = dict.fromkeys(LEVELS, 0), []
-    for row in db.session.execute(series_query(**parameters)).all():
-        by_level = {level: getattr(row, level) for level in LEVELS if getattr(row, level)}
-        for level, count in by_level.items():
-            totals[level] += count
-        series.append({"start": _iso(row.start), "event_name": row.event_name, "count": sum(by_level.values()),
-                       "by_level": by_level, "users": row.users})
-    return series, totals
+        rows = db.session.connection().exec_driver_sql(SERIES, parameters).all()
+        start_of = lambda epoch: datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    else:
+        rows = db.session.execute(series_query(**parameters)).all()
+        start_of = _iso
+    db.session.rollback()
+    totals, series, starts = [0] * len(LEVELS), [], {}
+    for start, name, *counts, users in rows:
+        iso = starts.get(start)
+        if iso is None:  # ten names share each start: format it once
+            iso = starts[start] = start_of(start)
+        by_level = {}
+        for index, count in enumerate(counts):
+            if count:
+                by_level[LEVELS[index]] = count
+                totals[index] += count
+        series.append({"start": iso, "event_name": name, "count": sum(counts), "by_level": by_level, "users": users})
+    return series, dict(zip(LEVELS, totals))
 
 
 def series_query(app_id: str, bucket: str, first: datetime, until: datetime, event_name: str | None):
-    """The rollup rows of a series, oldest first (the embedded SQLite default formats them in Python)."""
+    """The rollup rows of a series, oldest first, on the embedded SQLite default (PostgreSQL: SERIES)."""
     query = (
         sa.select(Rollup.start, Rollup.event_name, *(getattr(Rollup, level) for level in LEVELS), Rollup.users)
         .where(Rollup.app_id == app_id, Rollup.bucket == bucket, Rollup.start >= first, Rollup.start < until)
