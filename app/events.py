@@ -85,18 +85,18 @@ def database_error_kind(error: Exception) -> str:
 # CTEs, in one transaction:
 #   keys   the group's (app, event_id) into the de-duplication table; only keys that were
 #          new come back (a redelivery, or a concurrent worker's copy, returns nothing);
-#   added  into the partitioned events, only those rows (the first copy of a key repeated
-#          within the group);
+#   added  into the partitioned events, only those rows (a key repeated within the group
+#          was reduced to its first copy before: _distinct);
 #   then   one delta row per (app, minute, event name, level) of what `added` really
 #          added, into the append-only rollup_deltas: the rollups count exactly the stored
-#          rows, and no worker waits on a hot counter row (README "Rollups").
+#          rows, and no worker waits on a hot counter row (README "Rollups"). Its user ids
+#          are not made distinct here (a sort per delta, a quarter of the statement's time
+#          for 100-event groups): the fold does that once for many deltas.
 INSERT_GROUP = """
 WITH e AS (
-    SELECT * FROM ROWS FROM (jsonb_to_recordset(%s::jsonb)
-                             AS (app_id text, event_id text, event_name text, level text, user_id text,
-                                 "timestamp" bigint, received_at bigint, validation jsonb, payload jsonb))
-         WITH ORDINALITY AS e(app_id, event_id, event_name, level, user_id, "timestamp", received_at,
-                              validation, payload, n)
+    SELECT * FROM jsonb_to_recordset($1)
+         AS e(app_id text, event_id text, event_name text, level text, user_id text,
+              "timestamp" bigint, received_at bigint, validation jsonb, payload jsonb)
 ), keys AS (
     INSERT INTO event_keys (app_id, event_id, stored_at)
     SELECT app_id, event_id, now() FROM e
@@ -105,20 +105,21 @@ WITH e AS (
 ), added AS (
     INSERT INTO events (app_id, event_id, event_name, level, user_id, "timestamp", received_at, processed_at,
                         validation, payload)
-    SELECT DISTINCT ON (e.app_id, e.event_id)
-           e.app_id, e.event_id, e.event_name, e.level, e.user_id,
+    SELECT e.app_id, e.event_id, e.event_name, e.level, e.user_id,
            'epoch'::timestamptz + e."timestamp" * interval '1 microsecond',
            'epoch'::timestamptz + e.received_at * interval '1 microsecond',
            now(), e.validation, e.payload
     FROM e JOIN keys USING (app_id, event_id)
-    ORDER BY e.app_id, e.event_id, e.n
     RETURNING app_id, event_name, level, user_id, "timestamp"
 )
 INSERT INTO rollup_deltas (app_id, minute, event_name, level, count, user_ids)
 SELECT app_id, date_trunc('minute', "timestamp", 'UTC'), event_name, level, count(*),
-       jsonb_agg(DISTINCT user_id) FILTER (WHERE user_id IS NOT NULL)
+       jsonb_agg(user_id) FILTER (WHERE user_id IS NOT NULL)
 FROM added
 GROUP BY 1, 2, 3, 4"""
+PREPARE_INSERT_GROUP = f"PREPARE intake_insert_group(jsonb) AS {INSERT_GROUP}"
+EXECUTE_INSERT_GROUP = "EXECUTE intake_insert_group(%s)"
+INSERT_GROUP_PREPARED = "intake_insert_group"  # the mark in a DBAPI connection's `info`
 
 
 def insert_events(events: list[dict]) -> None:
@@ -129,11 +130,33 @@ def insert_events(events: list[dict]) -> None:
 def _write_events(events: list[dict]) -> None:
     # A Core connection, not the ORM session: nothing here needs the unit of work, and the
     # session's bookkeeping cost as much CPU as the statement itself for small groups.
+    events = _distinct(events)
     with db.engine.begin() as connection:
         if connection.dialect.name == "postgresql":
-            connection.exec_driver_sql(INSERT_GROUP, (orjson.dumps(events).decode(),))
+            # Prepared once per database connection: parsing and planning the three-insert
+            # statement cost as much as running it for a 4-event group (backend CPU 0.71 ->
+            # 0.44 ms a group; the statement before partitions and rollups took 0.47). A
+            # PREPARE outlives a rollback, so a connection is marked once it succeeded. (Behind
+            # a transaction-pooling pgbouncer, prepared statements need its
+            # max_prepared_statements.)
+            dbapi_connection = connection.connection
+            if not dbapi_connection.info.get(INSERT_GROUP_PREPARED):
+                connection.exec_driver_sql(PREPARE_INSERT_GROUP)
+                dbapi_connection.info[INSERT_GROUP_PREPARED] = True
+            connection.exec_driver_sql(EXECUTE_INSERT_GROUP, (orjson.dumps(events).decode(),))
         else:
             _write_events_sqlite(connection, events)
+
+
+def _distinct(events: list[dict]) -> list[dict]:
+    """The events with a key repeated within the list (a client retry) reduced to its first copy."""
+    keys = {(event["app_id"], event["event_id"]) for event in events}
+    if len(keys) == len(events):
+        return events
+    first = {}
+    for event in events:
+        first.setdefault((event["app_id"], event["event_id"]), event)
+    return list(first.values())
 
 
 def _write_events_sqlite(connection, events: list[dict]) -> None:

@@ -160,7 +160,7 @@ class EventKey(db.Model):
 # What the insert really added, per (app, minute, event name, level), appended by the
 # statement that stores the events and consumed exactly once by the rollup job
 # (app/rollups.py). Append-only: no key, no index, so concurrent workers never wait on
-# each other. `user_ids`: the distinct user ids among those events (JSON list).
+# each other. `user_ids`: the user ids among those events (JSON list, repeats allowed).
 rollup_deltas = sa.Table(
     "rollup_deltas",
     db.metadata,

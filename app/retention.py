@@ -32,6 +32,8 @@ LOCK_TIMEOUT = "2s"
 PURGE_LOCK = 0x1A7E_0002  # pg_advisory_lock keys: one purge, one partition maker at a time
 PARTITION_LOCK = 0x1A7E_0003
 
+# The apps with events in a partition (a skip scan of ix_events_app_timestamp: one index
+# probe per app) and their retention now; an app no longer in `apps` is being deleted.
 APPS_IN_PARTITION = """
 WITH RECURSIVE present AS (
     (SELECT app_id FROM {table} ORDER BY app_id LIMIT 1)
@@ -39,7 +41,9 @@ WITH RECURSIVE present AS (
     SELECT (SELECT app_id FROM {table} WHERE app_id > present.app_id ORDER BY app_id LIMIT 1)
     FROM present WHERE present.app_id IS NOT NULL
 )
-SELECT app_id FROM present WHERE app_id IS NOT NULL"""
+SELECT present.app_id, apps.retention_days
+FROM present LEFT JOIN apps ON apps.id = present.app_id
+WHERE present.app_id IS NOT NULL"""
 
 
 def _monday(moment: datetime) -> datetime:
@@ -125,19 +129,19 @@ def _drop_expired_partitions(retention: dict, now: datetime) -> int:
         candidates = [week for week in partitions(connection) if week[2] <= _cutoff(now, shortest)]
         connection.rollback()
     for name, _, end in candidates:
-        dropped += with_reconnect(lambda: _drop_if_expired(name, end, retention, now))
+        dropped += with_reconnect(lambda: _drop_if_expired(name, end, now))
     return dropped
 
 
-def _all_expired(connection, name, end, retention, now) -> bool:
-    apps = connection.exec_driver_sql(APPS_IN_PARTITION.format(table=name)).scalars()
-    # An app no longer in `apps` is being deleted: its rows are not kept for it.
-    return all(app_id not in retention or end <= _cutoff(now, retention[app_id]) for app_id in apps)
+def _all_expired(connection, name, end, now) -> bool:
+    """Whether every event in the partition is past its app's retention (read now, not at the purge's start)."""
+    present = connection.exec_driver_sql(APPS_IN_PARTITION.format(table=name)).all()
+    return all(days is None or end <= _cutoff(now, days) for _, days in present)
 
 
-def _drop_if_expired(name: str, end: datetime, retention: dict, now: datetime) -> int:
+def _drop_if_expired(name: str, end: datetime, now: datetime) -> int:
     with db.engine.connect() as connection:
-        if not _all_expired(connection, name, end, retention, now):
+        if not _all_expired(connection, name, end, now):
             connection.rollback()
             return 0  # left to the chunked deletes
         count = connection.exec_driver_sql(f"SELECT count(*) FROM {name}").scalar()
@@ -148,7 +152,7 @@ def _drop_if_expired(name: str, end: datetime, retention: dict, now: datetime) -
             # Lock out inserts for the instant of the check and the drop: an event of an app
             # that still keeps this week must not arrive between the two.
             connection.exec_driver_sql(f"LOCK TABLE events, {name} IN ACCESS EXCLUSIVE MODE")
-            if not _all_expired(connection, name, end, retention, now):
+            if not _all_expired(connection, name, end, now):
                 return 0
             connection.exec_driver_sql(f"DROP TABLE {name}")
     except sa.exc.OperationalError as error:

@@ -12,6 +12,9 @@ number, then measures in turn:
   copy    COPY of as many similar rows into a scratch table shaped like `events`
           (the database ceiling)
 
+and, with --write-path ROWS, the worker's write statement before and after this round's
+de-duplication keys, partitions and rollup deltas, side by side (bench/write_path.py),
+
 and samples the RSS of every API and worker process throughout. It checks that every
 acknowledged event is stored exactly once, prints one JSON object and writes it to
 bench/results/latest.json. See bench/README.md.
@@ -891,6 +894,9 @@ class Bench:
         cur.execute("CHECKPOINT")
         cur.execute("DROP TABLE IF EXISTS bench_copy_scratch")
         cur.execute("CREATE TABLE bench_copy_scratch (LIKE events INCLUDING ALL)")
+        # The idempotency index moved from events to event_keys (partitioned tables cannot
+        # hold it): the ceiling keeps it, so that it is the same table as before that move.
+        cur.execute("CREATE UNIQUE INDEX ON bench_copy_scratch (app_id, event_id)")
         cur.execute("CREATE SEQUENCE bench_copy_scratch_id_seq OWNED BY bench_copy_scratch.id")
         cur.execute("ALTER TABLE bench_copy_scratch ALTER COLUMN id SET DEFAULT nextval('bench_copy_scratch_id_seq')")
         now = datetime.now(timezone.utc)
@@ -1119,6 +1125,9 @@ def parse_args(argv=None):
                         help="INGEST_RATE_LIMIT of Intake and the stock design's Flask-Limiter limit")
     parser.add_argument("--keep-logs", action="store_true", help="copy the processes' logs to bench/results/logs")
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json", help="where to write the JSON")
+    parser.add_argument("--write-path", type=int, default=0, metavar="ROWS",
+                        help="also time the worker's write statement before and after de-duplication keys, "
+                             "partitions and rollup deltas on ROWS rows per group size (bench/write_path.py)")
     args = parser.parse_args(argv)
     if args.duration < 1 or args.connections < 1 or args.repeat < 1 or args.threads < 1:
         parser.error("--duration, --connections, --repeat and --threads must be positive")
@@ -1330,6 +1339,12 @@ def main(argv=None):
         log(f"error: {error}")
         return 1
 
+    write_path = None
+    if args.write_path:
+        import write_path as write_path_bench  # bench/write_path.py, beside this file
+
+        log(f"write path: before vs after on {args.write_path} rows per group size")
+        write_path = write_path_bench.compare(args.write_path)
     # The first design's figures at the top level (Intake's by default: the fields the README
     # quotes), every design's beside it, and the comparison.
     first = args.designs[0]
@@ -1339,6 +1354,7 @@ def main(argv=None):
         result["comparison"] = side_by_side(args, results)
     result["wall_s"] = time.monotonic() - started
     result["correct"] = all(value["correct"] for value in results.values())
+    result["write_path"] = write_path
     result = rounded(result)
     text = json.dumps(result, indent=2)
     args.output.parent.mkdir(parents=True, exist_ok=True)

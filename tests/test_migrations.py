@@ -71,11 +71,12 @@ def test_postgresql_upgrade_keeps_every_event_and_its_idempotency(scratch_postgr
     cursor.execute("SELECT count(*) FROM event_keys")
     assert cursor.fetchone() == (4,)
     # Idempotency survives: the same keys are skipped by the new write path; ids continue.
-    from app.events import INSERT_GROUP
+    from app.events import EXECUTE_INSERT_GROUP, PREPARE_INSERT_GROUP
     group = [{"app_id": "app", "event_id": e, "event_name": "view", "level": "info", "user_id": None,
               "timestamp": 1_764_496_800_000_000, "received_at": 1_764_496_800_000_000, "validation": {},
               "payload": {"n": "again"}} for e in ("a", "d", "new")]
-    cursor.execute(INSERT_GROUP, (json.dumps(group),))
+    cursor.execute(PREPARE_INSERT_GROUP)
+    cursor.execute(EXECUTE_INSERT_GROUP, (json.dumps(group),))
     cursor.execute("SELECT event_id, payload->>'n' FROM events ORDER BY id")
     assert cursor.fetchall() == [(e, e) for e, _, _ in ROWS] + [("new", "again")]
     conn.close()
@@ -106,6 +107,14 @@ def test_sqlite_upgrade_keeps_every_event_and_its_idempotency(tmp_path):
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT sum(info), sum(users) FROM rollups WHERE bucket = 'd'").fetchone() == (4, 2)
     conn.close()
+    stats = json.loads(subprocess.run(
+        [sys.executable, "-c", "import json; from app import create_app; from app.rollups import app_stats; "
+         "app = create_app(); app.app_context().push(); "
+         "print(json.dumps(app_stats('app', bucket='minute', since='2026-11-30T09:59:00Z', until='2026-11-30T10:02:00Z')))"],
+        cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    assert stats["total"] == 3 and stats["ingestion"] == {"accepted": 3, "stored": 3, "failed": 0, "lag_seconds": 0.0}
+    assert [(row["start"], row["count"], row["users"]) for row in stats["series"]] == [
+        ("2026-11-30T10:00:00Z", 2, 1), ("2026-11-30T10:01:00Z", 1, 0)]
     assert flask(env, "retention", "purge") == {"deleted": 1}, "the event of 1999 is past 3650 days"
     conn = sqlite3.connect(path)
     assert [r[0] for r in conn.execute("SELECT event_id FROM events ORDER BY 1")] == ["a", "b", "c"]

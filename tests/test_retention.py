@@ -135,3 +135,18 @@ def test_ingestion_goes_on_during_a_purge(ctx, make_app, monkeypatch):
     assert results == [{"deleted": 10_000}]
     assert sql("SELECT count(*) FROM events WHERE app_id = %s", app_id) == [(n * 10,)]
     assert max(latencies) < 2.0, max(latencies)
+
+
+def test_the_lifecycle_jobs_are_on_beat_and_routed_to_batch_processing(ctx):
+    import celery_config
+    from app import tasks
+
+    schedule = {entry["task"]: entry for entry in celery_config.beat_schedule.values()}
+    for name in ("intake.refresh_rollups", "intake.ensure_partitions", "intake.purge_expired"):
+        assert name in schedule
+        assert celery_config.task_routes[name] == {"queue": "batch_processing"}
+    assert schedule["intake.refresh_rollups"]["schedule"] <= 60, "rollups current within 2 minutes"
+    # The tasks call the same functions as the CLI.
+    assert tasks.refresh_rollups() == {"events_rolled_up": 0}
+    assert tasks.ensure_partitions() == {"created": []}
+    assert tasks.purge_expired() == {"deleted": 0}

@@ -177,13 +177,19 @@ def test_stats_queries_touch_the_rollups_never_events(ctx, app_id):
 
     connection = db.session.connection()
     since, until = datetime.now(UTC) - timedelta(days=30), datetime.now(UTC)
+    cursor = connection.connection.cursor()
     for name in (None, "page_view"):
-        query = rollups.series_query(app_id, "h", since, until, name)
-        compiled = query.compile(connection, compile_kwargs={"literal_binds": True})
-        plan = json.dumps(connection.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {compiled}".replace("%", "%%")).scalar())
-        relations = {value for key, value in _walk(json.loads(plan)) if key == "Relation Name"}
-        assert relations == {"rollups"}, relations
+        series = cursor.mogrify(rollups.SERIES, rollups.series_parameters(app_id, "h", since, until, name)).decode()
+        assert relations(connection, series) == {"rollups"}
+        for query in rollups.ingestion_queries(app_id, since, until, name):
+            compiled = str(query.compile(connection, compile_kwargs={"literal_binds": True}))
+            assert relations(connection, compiled) <= {"rollup_deltas", "failed_events"}
     db.session.rollback()
+
+
+def relations(connection, statement):
+    plan = connection.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {statement}".replace("%", "%%")).scalar()
+    return {value for key, value in _walk(plan) if key == "Relation Name"}
 
 
 def _walk(node):
@@ -202,3 +208,11 @@ def test_cli_rollups_refresh_prints_the_events_rolled_up(ctx, app_id, runner):
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == {"events_rolled_up": 3}
     assert json.loads(runner.invoke(args=["rollups", "refresh"]).output) == {"events_rolled_up": 0}
+
+
+def test_event_names_with_quotes_backslashes_and_unicode_come_back_exactly(ctx, app_id):
+    names = ['say "hi"', "back\\slash", "naïve ✓ 😀", "tab\tnew\nline", "</script>"]
+    events.store_events([make_event(app_id, event_id=f"n{i}", event_name=name) for i, name in enumerate(names)])
+    rollups.refresh()
+    series = rollups.app_stats(app_id, bucket="day")["series"]
+    assert sorted(row["event_name"] for row in series) == sorted(names)
