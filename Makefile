@@ -20,9 +20,10 @@ run: install
 	$(BIN)/flask --app run db upgrade
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python run_local.py start web worker emails batch beat flower
 
-# The whole suite against real PostgreSQL and Redis (see tests/conftest.py for the URLs).
+# The whole suite against real PostgreSQL and Redis (see tests/conftest.py for the URLs), three
+# test processes side by side (each with its own database and Redis db; a module stays in one).
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest -n 3 --dist loadfile
 
 # Intake beside the stock design (bench/stock/), single events with and without a per-app rate
 # limit, one `celery worker -c 2` per queue for both designs: about 7 minutes.

@@ -10,6 +10,10 @@ def main() -> None:
     logging.captureWarnings(True)
     from run import celery
 
+    if celery.conf.broker_url.startswith("filesystem://"):
+        # `make run` starts Flower beside the workers: its first inspection finds none up yet and
+        # warns of each method. They show up within seconds; that is no news on a laptop.
+        logging.getLogger("flower.inspector").setLevel(logging.ERROR)
     # --logging=none: tornado adds no plain-text handler of its own; the root JSON handler prints.
     celery.start(["flower", "--logging=none", *sys.argv[1:]])
 

@@ -236,3 +236,43 @@ class ErrorAnswerBody(Schema):
 
 class ErrorAnswer(Schema):
     error = fields.Nested(ErrorAnswerBody)
+
+
+class StatsQuery(Schema):
+    bucket = fields.String(load_default="hour", validate=validate.OneOf(["minute", "hour", "day"]))
+    since = UtcDateTime(metadata={"description": "Default: 24 hours before until (ISO 8601; no offset = UTC)."})
+    until = UtcDateTime(metadata={"description": "Default: now."})
+    event_name = Text(validate=NAME)
+
+
+class StatsOut(Schema):
+    """Counts from the rollups (API.md "Stats")."""
+
+    bucket = fields.String()
+    since = fields.String()
+    until = fields.String()
+    total = fields.Integer()
+    by_level = fields.Dict(keys=fields.String(), values=fields.Integer())
+    series = fields.List(fields.Dict())
+    ingestion = fields.Dict()
+
+
+class FailedEventsQuery(Schema):
+    limit = fields.Integer(load_default=100, validate=validate.Range(1, 1000))
+    cursor = fields.String(metadata={"description": "next_cursor of the previous page (opaque)."})
+
+
+class FailedEventsOut(Schema):
+    failed_events = fields.List(fields.Dict())
+    next_cursor = fields.String(allow_none=True)
+
+
+class ReplayIn(Schema):
+    ids = fields.List(fields.String(validate=validate.Length(min=1, max=36)), validate=validate.Length(max=1000),
+                      metadata={"description": "Failed events' ids; absent: all of the app's failed events."})
+
+
+class ReplayOut(Schema):
+    status = fields.String()
+    replaying = fields.Integer()
+    task_id = fields.String(allow_none=True)

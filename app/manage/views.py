@@ -7,11 +7,13 @@ from flask_jwt_extended import get_jwt_identity, jwt_required
 from flask_smorest import Blueprint as SmorestBlueprint
 from webargs.flaskparser import FlaskParser, is_json_request
 
+from app import lifecycle, rollups
 from app.errors import ApiError
 from app.ingest import checks
 from app.manage import app_rules, apps, event_queries
 from app.manage.schemas import (AppCreate, AppCreated, AppDeleting, AppKey, AppList, AppOut, AppPatch, ErrorAnswer,
-                                EventList, EventOut, EventQuery, RuleIn, RuleList, RuleOut, RulePatch)
+                                EventList, EventOut, EventQuery, FailedEventsOut, FailedEventsQuery, ReplayIn,
+                                ReplayOut, RuleIn, RuleList, RuleOut, RulePatch, StatsOut, StatsQuery)
 
 # A rule body (its schema included) is small; anything larger is refused before it is read.
 MAX_BODY_BYTES = 256 * 1024
@@ -48,7 +50,8 @@ for _blueprint in (apps_blp, rules_blp, events_blp):
 # The error answers of these routes by code (422 `invalid_request`: a body or query against its schema).
 ERROR_STATUS = {"invalid_json": 400, "invalid_cursor": 400, "app_not_found": 404, "rule_not_found": 404,
                 "event_not_found": 404, "too_many_rules": 409, "payload_too_large": 413, "unsupported_media_type": 415,
-                "invalid_request": 422, "nesting_too_deep": 422}
+                "invalid_request": 422, "nesting_too_deep": 422, "invalid_query": 400, "invalid_limit": 400,
+                "invalid_ids": 400, "queue_unavailable": 503}
 BODY_ERRORS = ("invalid_json", "payload_too_large", "unsupported_media_type", "invalid_request", "nesting_too_deep")
 # What flask-jwt-extended's refusals answer (the accounts work's error loaders), on every route here.
 TOKEN_ERRORS = ("missing_token", "invalid_token", "token_expired", "token_revoked", "wrong_token_type")
@@ -213,6 +216,45 @@ class OneEvent(MethodView):
     def get(self, app_id, event_id):
         """Read one stored event: payload, normalised fields, validation result, received and processed times."""
         return event_queries.get_event(my_app(app_id).id, event_id)
+
+
+# --- stats and failed events (app/rollups.py, app/lifecycle.py) ------------------------------
+
+
+@apps_blp.route("/<app_id>/stats")
+class Stats(MethodView):
+    decorators = [jwt_required()]
+
+    @apps_blp.arguments(StatsQuery, location="query")
+    @apps_blp.response(200, StatsOut)
+    @fails_with("app_not_found", "invalid_query", "invalid_request")
+    def get(self, query, app_id):
+        """Counts by bucket, event name and level, from the rollups alone."""
+        return rollups.app_stats(my_app(app_id).id, **query)
+
+
+@apps_blp.route("/<app_id>/failed-events")
+class FailedEvents(MethodView):
+    decorators = [jwt_required()]
+
+    @apps_blp.arguments(FailedEventsQuery, location="query")
+    @apps_blp.response(200, FailedEventsOut)
+    @fails_with("app_not_found", "invalid_cursor", "invalid_limit", "invalid_request")
+    def get(self, query, app_id):
+        """The app's failed events (dead letters), newest failure first, a page at a time."""
+        return lifecycle.failed_events_page(my_app(app_id).id, **query)
+
+
+@apps_blp.route("/<app_id>/failed-events/replay")
+class ReplayFailedEvents(MethodView):
+    decorators = [jwt_required()]
+
+    @apps_blp.arguments(ReplayIn)
+    @apps_blp.response(202, ReplayOut)
+    @fails_with("app_not_found", "invalid_ids", "queue_unavailable", *BODY_ERRORS)
+    def post(self, body, app_id):
+        """Replay the app's failed events (all, or these ids) through the normal persistence path."""
+        return lifecycle.replay_failed_events(my_app(app_id).id, body.get("ids"))
 
 
 BLUEPRINTS = (apps_blp, rules_blp, events_blp)

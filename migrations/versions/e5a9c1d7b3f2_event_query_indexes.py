@@ -1,4 +1,4 @@
-"""Indexes for the event listings: by level (warning and up) and by user, newest first; the look-up by event_id.
+"""Indexes for the event listings: by level (above info) and by user, newest first; the look-up by event_id.
 
 Revision ID: e5a9c1d7b3f2
 Revises: c41f0e2a9d17
