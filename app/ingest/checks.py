@@ -35,6 +35,11 @@ def read_body(request: Request, limit: int) -> bytes:
     """Return the request body, inflated, refusing wrong types and oversize bodies early."""
     if request.mimetype != "application/json":
         raise ApiError(415, "unsupported_media_type", "Send the body as JSON with 'Content-Type: application/json'.")
+    return read_encoded_body(request, limit)
+
+
+def read_encoded_body(request: Request, limit: int) -> bytes:
+    """The body, inflated, for a route that checks the content type itself (OTLP: protobuf or JSON)."""
     too_large = ApiError(413, "payload_too_large", f"The body is larger than the limit of {limit} bytes.")
     if request.content_length is not None and request.content_length > limit:
         raise too_large
@@ -268,18 +273,3 @@ def check_event(entry: AppEntry, event, *, max_depth: int, received_at: datetime
     fields["payload"] = event
     return fields
 
-
-def read_encoded_body(request: Request, limit: int) -> bytes:
-    """read_body for a route that checks the content type itself (OTLP: protobuf or JSON)."""
-    too_large = ApiError(413, "payload_too_large", f"The body is larger than the limit of {limit} bytes.")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    data = request.stream.read(limit + 1)
-    if len(data) > limit:
-        raise too_large
-    encoding = (request.headers.get("Content-Encoding") or "identity").strip().lower()
-    if encoding == "gzip":
-        return _gunzip(data, limit, too_large)
-    if encoding != "identity":
-        raise ApiError(415, "unsupported_encoding", "Content-Encoding must be gzip or absent.")
-    return data
