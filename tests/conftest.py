@@ -138,6 +138,19 @@ def sql(query, *params):
 
 
 @pytest.fixture
+def ctx(app):
+    """The app with its context pushed, for tests that call the domain functions directly."""
+    with app.app_context():
+        yield app
+
+
+@pytest.fixture
+def app_id(make_app):
+    """The id of a fresh app (its key unused)."""
+    return make_app()[0]
+
+
+@pytest.fixture
 def make_app(app):
     """Create an owner and an app; returns (app_id, api_key). Rules are `{name, schema, action, ...}`."""
     from app.cli import create_app_with_key

@@ -14,12 +14,6 @@ from tests.test_persistence import make_event
 
 
 @pytest.fixture
-def ctx(app):
-    with app.app_context():
-        yield app
-
-
-@pytest.fixture
 def settings(app):
     """Change app settings for one test."""
     saved = dict(app.config)

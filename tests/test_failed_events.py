@@ -14,17 +14,6 @@ UTC = timezone.utc
 
 
 @pytest.fixture
-def ctx(app):
-    with app.app_context():
-        yield app
-
-
-@pytest.fixture
-def app_id(make_app):
-    return make_app()[0]
-
-
-@pytest.fixture
 def refuse():
     """Make PostgreSQL refuse events whose payload has a `refuse` field: a failure of the data, not of the database.
 

@@ -17,19 +17,8 @@ BODIES = "intake:pending:bodies"
 
 
 @pytest.fixture
-def ctx(app):
-    with app.app_context():
-        yield app
-
-
-@pytest.fixture
 def pending(app):
     return app.extensions["intake.pending"]
-
-
-@pytest.fixture
-def app_id(make_app):
-    return make_app()[0]
 
 
 def make_event(app_id, received_at=None, rules=(), **payload):

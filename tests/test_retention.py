@@ -4,19 +4,12 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 
-import pytest
 
 from app import events, retention, rollups
 from tests.conftest import sql
 from tests.test_persistence import make_event
 
 UTC = timezone.utc
-
-
-@pytest.fixture
-def ctx(app):
-    with app.app_context():
-        yield app
 
 
 def app_with_retention(make_app, days):

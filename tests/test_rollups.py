@@ -13,17 +13,6 @@ from tests.test_persistence import make_event
 UTC = timezone.utc
 
 
-@pytest.fixture
-def ctx(app):
-    with app.app_context():
-        yield app
-
-
-@pytest.fixture
-def app_id(make_app):
-    return make_app()[0]
-
-
 def at(minutes_ago, now=datetime.now(UTC).replace(second=30, microsecond=0)):
     return (now - timedelta(minutes=minutes_ago)).isoformat()
 
