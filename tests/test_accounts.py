@@ -353,6 +353,33 @@ def test_a_queue_that_refuses_the_mail_is_503_and_makes_nothing(app, client, red
     assert register(client).status_code == 503  # and a retry is not a 409
 
 
+def test_forgot_is_202_for_an_account_even_when_the_queue_refuses_the_mail(app, client, redis, monkeypatch):
+    register(client)
+    mails_before = len(queued_mails(redis))
+    codes_before = sql("SELECT count(*) FROM account_codes")[0][0]
+
+    def refuse(*args, **kwargs):
+        raise OperationalError("broker down")
+
+    monkeypatch.setattr(app.extensions["celery"], "send_task", refuse)
+    known = client.post("/api/auth/password/forgot", json={"email": "ada@example.com"})
+    unknown = client.post("/api/auth/password/forgot", json={"email": "nobody@example.com"})
+    # A 503 for known addresses only would tell who has an account.
+    assert known.status_code == unknown.status_code == 202 and known.json == unknown.json
+    assert len(queued_mails(redis)) == mails_before
+    assert sql("SELECT count(*) FROM account_codes")[0][0] == codes_before  # no code without its mail
+
+
+def test_a_register_that_loses_the_race_for_its_address_is_409(app, client, redis, monkeypatch):
+    from app.accounts import users
+
+    # The address is taken between the check and the insert, as by a concurrent request.
+    monkeypatch.setattr(users, "find_user", lambda email: None)
+    assert register(client).status_code == 201
+    assert_error(register(client), 409, "email_taken")
+    assert counts()[0] == 1
+
+
 def test_no_address_code_or_password_in_the_logs(client, redis, caplog):
     caplog.set_level(logging.DEBUG)
     login = verified_login(client, redis)

@@ -31,11 +31,10 @@ def register(email: str, password: str) -> User:
         raise _taken()
     user = User(email=normalise_email(email), password_hash=passwords.hash_password(password))
     db.session.add(user)
-    db.session.flush()
-    code = codes.issue_code(user, codes.VERIFY_EMAIL)
     # Queued before the commit: if the queue refuses, nothing was made and the client may simply retry.
     try:
-        queue_code_mail(user.email, codes.VERIFY_EMAIL, code)
+        db.session.flush()  # a concurrent request may have taken the address since the check
+        queue_code_mail(user.email, codes.VERIFY_EMAIL, codes.issue_code(user, codes.VERIFY_EMAIL))
         db.session.commit()
     except IntegrityError:  # the same address registered by a concurrent request
         db.session.rollback()
@@ -92,7 +91,13 @@ def forgot_password(email: str) -> None:
     user = find_user(email)
     if user is None:
         return
-    queue_code_mail(user.email, codes.RESET_PASSWORD, codes.issue_code(user, codes.RESET_PASSWORD))
+    try:
+        queue_code_mail(user.email, codes.RESET_PASSWORD, codes.issue_code(user, codes.RESET_PASSWORD))
+    except ApiError:
+        # The answer stays 202: a 503 here, and only here, would tell that the account exists.
+        # queue_code_mail logged it; the person asks again when no mail comes.
+        db.session.rollback()
+        return
     db.session.commit()
 
 
