@@ -223,3 +223,68 @@ def test_a_backlog_on_each_queue_and_three_kills_keep_the_bound_without_copies(s
 # keep `make test` short; the mechanism does not depend on the length.
 BACKLOG_SINGLE = 1200
 BACKLOG_BATCHES = 400
+
+
+def _pool_children(worker) -> list[int]:
+    """The prefork pool processes of a worker started by the stack (children of its main process)."""
+    path = f"/proc/{worker.proc.pid}/task/{worker.proc.pid}/children"
+    try:
+        with open(path) as children:
+            return [int(pid) for pid in children.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def test_a_group_whose_write_kills_its_process_is_split_and_the_killer_kept_as_failed(stack, app, make_app, redis):
+    """Real deaths: the pool process dies (SIGKILL, as the OOM killer or the hard time limit do) mid-write."""
+    import os
+    import signal
+
+    import psycopg2
+
+    from tests.conftest import DATABASE_URL
+    from tests.test_persistence import make_event
+
+    app_id, _ = make_app()
+    # A backend whose client died notices it only when it next talks to it, not while it waits
+    # for a lock: have the server check, so that a killed write lets go of its keys at once (as a
+    # write that was not waiting does when it finishes).
+    sql("ALTER DATABASE current_database() SET client_connection_check_interval = '100ms'".replace(
+        "current_database()", f'"{DATABASE_URL.rsplit("/", 1)[1]}"'))
+    worker = stack.worker(queues="default", concurrency=1)
+    # The killer: its key is being inserted by a transaction the test holds open, so the worker's
+    # write of any group holding it waits; the test kills the process every time it waits there.
+    holder = psycopg2.connect(DATABASE_URL)
+    holder.cursor().execute("INSERT INTO event_keys (app_id, event_id, stored_at) VALUES (%s, 'k-1', now())",
+                            (app_id,))
+    ids = ["k-0", "k-1", "k-2", "k-3"]
+    try:
+        with app.app_context():
+            app.extensions["intake.publisher"].publish("default", [make_event(app_id, event_id=e) for e in ids], [])
+        kills, deadline = 0, time.monotonic() + 90
+        while not sql("SELECT 1 FROM failed_events WHERE app_id = %s AND event_id = 'k-1'", app_id):
+            assert time.monotonic() < deadline, f"no failed event after {kills} kills:\n{worker.output()[-3000:]}"
+            waiting = sql("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                          " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()")[0][0]
+            if waiting:
+                for pid in _pool_children(worker):
+                    os.kill(pid, signal.SIGKILL)
+                kills += 1
+                # The dead backend's lock wait ends with its connection; then the next delivery.
+                wait_until(lambda: not sql("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                           " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()")[0][0],
+                           timeout=10, interval=0.05, message="the killed write gone")
+            time.sleep(0.1)
+    finally:
+        holder.rollback()
+        holder.close()
+        sql(f'ALTER DATABASE "{DATABASE_URL.rsplit("/", 1)[1]}" RESET client_connection_check_interval')
+    wait_until(lambda: len(stored_ids(app_id)) == 3, timeout=REDELIVERY_BOUND, message="the other three stored")
+    assert sorted(stored_ids(app_id)) == ["k-0", "k-2", "k-3"]
+    [(error, attempts)] = sql("SELECT error, attempts FROM failed_events WHERE app_id = %s", app_id)
+    assert error.startswith("WorkerLost") and "ended the worker process" in error
+    # MAX_DELIVERIES (3) deaths of the whole group, then one death of each part holding the killer
+    # (a part starts one delivery short of the cap): 4 events -> 2 + 2 -> 1 + 1.
+    assert kills == 3 + 1 + 1, kills
+    print(f"\n{kills} process deaths: 3 of the group's events stored, the killer kept as a failed event")
+    wait_until(lambda: redis.hlen("intake:pending:bodies") == 0, message="pending store drained")
