@@ -17,7 +17,8 @@ task_routes = {
     "intake.replay_failed_events": {"queue": "batch_processing"},
     "intake.delete_app_data": {"queue": "batch_processing"},
     "intake.resume_app_deletions": {"queue": "batch_processing"},
-    "intake.refresh_rollups": {"queue": "batch_processing"},
+    # Not batch_processing: see the beat entry below.
+    "intake.refresh_rollups": {"queue": "emails"},
     "intake.ensure_partitions": {"queue": "batch_processing"},
     "intake.purge_expired": {"queue": "batch_processing"},
 }
@@ -66,6 +67,10 @@ worker_hijack_root_logger = False
 # Redelivery of pending groups runs in every worker (app/redelivery.py), not here: recovery
 # must not depend on beat. Beat only runs schedules.
 beat_schedule = {
+    # The three entries on batch_processing may expire while a batch backlog lasts, and that is
+    # harmless: the deletions the resume would queue wait behind that backlog anyway (and each
+    # was queued once already when its app was deleted); partitions are made WEEKS_AHEAD weeks
+    # ahead; a purge skipped today is done by tomorrow's, which removes everything expired.
     # App deletions a killed worker left unfinished, and the settle sweeps (app/lifecycle.py).
     "resume-app-deletions": {
         "task": "intake.resume_app_deletions",
@@ -74,6 +79,11 @@ beat_schedule = {
     },
     # Rollups current within a minute of a store (the contract allows 2); runs take turns on
     # an advisory lock and each delta is folded once, so overlapping runs are harmless.
+    # On `emails`, the one queue no event traffic fills (account mail only, rate limited): on
+    # batch_processing a backlog longer than `expires` (a large import) expired every refresh
+    # and stopped the rollups for as long as it lasted. A fold is 30 s of deltas, well under a
+    # second of one of that worker's processes. The expiry stays below the period: a refresh
+    # that cannot start in time gives way to the next one instead of piling up behind it.
     "refresh-rollups": {
         "task": "intake.refresh_rollups",
         "schedule": 30.0,

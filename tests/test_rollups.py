@@ -7,7 +7,7 @@ import pytest
 
 from app import events, rollups
 from app.errors import ApiError
-from tests.conftest import sql
+from tests.conftest import sql, wait_until
 from tests.test_persistence import make_event
 
 UTC = timezone.utc
@@ -94,6 +94,33 @@ def test_two_refreshes_at_once_fold_every_delta_once(ctx, app_id, monkeypatch):
         thread.join()
     assert sum(results) == 200
     assert_rollups_match_events(app_id)
+
+
+def test_rollups_are_folded_within_the_bound_while_batch_processing_has_a_backlog(app, app_id, redis, stack):
+    import celery_config
+    from app.publisher import TASK_FOR_QUEUE
+
+    entry = celery_config.beat_schedule["refresh-rollups"]
+    celery = app.extensions["celery"]
+    queue = celery.amqp.router.route({}, entry["task"])["queue"].name
+    assert queue not in TASK_FOR_QUEUE, "no event traffic can back up the refresh's queue"
+    # Stored just after a refresh was sent: the next one is sent within a period and must start
+    # before it expires (else it is dropped), and the promise is 2 minutes.
+    assert entry["schedule"] + entry["options"]["expires"] < 120
+    backlog = 2_000
+    with redis.pipeline() as pipe:  # messages no worker of this test consumes: a batch backlog
+        for n in range(backlog):
+            pipe.rpush("batch_processing", json.dumps({"backlog": n}))
+        pipe.execute()
+    with app.app_context():
+        events.store_events([ev(app_id, f"b{i}", minutes_ago=1, user=f"u{i % 2}") for i in range(5)])
+    stack.worker(queues=queue, concurrency=1)  # that queue's worker, as the Procfile runs it
+
+    celery.send_task(entry["task"], **entry["options"])  # what beat sends, routed as beat's is
+    wait_until(lambda: sql("SELECT count(*) FROM rollup_deltas") == [(0,)], timeout=entry["options"]["expires"],
+               message="the deltas folded before the refresh would expire")
+    assert_rollups_match_events(app_id)
+    assert redis.llen("batch_processing") == backlog, "folded ahead of the whole backlog"
 
 
 def test_app_stats_answers_the_contract_shape(ctx, app_id, make_app):
