@@ -86,6 +86,8 @@ def _create_partition(name: str, start: datetime) -> bool:
         with db.engine.begin() as connection:
             connection.exec_driver_sql(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
             connection.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
+            if connection.exec_driver_sql("SELECT to_regclass(%s)", (name,)).scalar() is not None:
+                return False  # made by another run while this one waited for the lock
             connection.exec_driver_sql(
                 f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF events FOR VALUES FROM (%s) TO (%s)",
                 (start, start + timedelta(days=7)))

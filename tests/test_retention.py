@@ -3,7 +3,7 @@ import json
 import threading
 import time
 from datetime import datetime, timedelta, timezone
-
+from pathlib import Path
 
 from app import events, retention, rollups
 from tests.conftest import sql
@@ -130,16 +130,79 @@ def test_ingestion_goes_on_during_a_purge(ctx, make_app, monkeypatch):
     assert max(latencies) < 2.0, max(latencies)
 
 
-def test_the_lifecycle_jobs_are_on_beat_and_routed_to_batch_processing(ctx):
+def test_two_purges_and_two_partition_runs_at_once_neither_fail_nor_count_twice(ctx, make_app, monkeypatch):
+    monkeypatch.setattr(retention, "DELETE_CHUNK", 7)  # many chunks
+    app_id = app_with_retention(make_app, 7)
+    now = datetime.now(UTC)
+    old = now - timedelta(weeks=20)
+    made = retention.ensure_partitions(now=old)["created"]
+    in_old_week = (retention._monday(old) + timedelta(days=2)).isoformat()
+    events.store_events([make_event(app_id, event_id=f"old-{i}", timestamp=in_old_week) for i in range(30)]
+                        + [make_event(app_id, event_id=f"mid-{i}", timestamp=(now - timedelta(weeks=3)).isoformat())
+                           for i in range(20)]
+                        + [make_event(app_id, event_id=f"ancient-{i}", timestamp="2001-01-01T00:00:00Z")
+                           for i in range(10)]
+                        + [make_event(app_id, event_id="new")])
+    ahead = now + timedelta(weeks=40)
+    expected = [f"events_p{retention._monday(ahead) + timedelta(weeks=w):%Y%m%d}" for w in range(retention.WEEKS_AHEAD + 1)]
+    jobs = [retention.purge, retention.purge, lambda: retention.ensure_partitions(now=ahead)["created"],
+            lambda: retention.ensure_partitions(now=ahead)["created"]]
+    start, results, errors = threading.Barrier(len(jobs)), [None] * len(jobs), []
+
+    def run(index):
+        try:
+            with ctx.app_context():
+                start.wait()
+                results[index] = jobs[index]()
+        except Exception as error:  # noqa: BLE001 - any error fails the test below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    # A step that lost a 2 s lock_timeout under load is left to the next run: one more of each finishes.
+    deleted = results[0]["deleted"] + results[1]["deleted"] + retention.purge()["deleted"]
+    created = results[2] + results[3] + retention.ensure_partitions(now=ahead)["created"]
+    assert deleted == 60, "every expired event deleted once"
+    assert sql("SELECT event_id FROM events WHERE app_id = %s", app_id) == [("new",)]
+    assert sorted(created) == expected, "each partition made, and reported, once"
+    assert set(expected) <= set(partition_names())
+    for name in made + expected:
+        sql(f"DROP TABLE IF EXISTS {name}")
+
+
+def test_the_lifecycle_jobs_are_on_beat_and_call_the_cli_functions(ctx):
     import celery_config
     from app import tasks
 
     schedule = {entry["task"]: entry for entry in celery_config.beat_schedule.values()}
-    for name in ("intake.refresh_rollups", "intake.ensure_partitions", "intake.purge_expired"):
+    for name in ("intake.refresh_rollups", "intake.ensure_partitions", "intake.purge_expired",
+                 "intake.resume_app_deletions"):
         assert name in schedule
-        assert celery_config.task_routes[name] == {"queue": "batch_processing"}
-    assert schedule["intake.refresh_rollups"]["schedule"] <= 60, "rollups current within 2 minutes"
+        # No pile-up: a message not started within one period gives way to the next one.
+        period = 24 * 3600.0 if name == "intake.purge_expired" else schedule[name]["schedule"]  # a daily crontab
+        assert schedule[name]["options"]["expires"] < period, name
     # The tasks call the same functions as the CLI.
     assert tasks.refresh_rollups() == {"events_rolled_up": 0}
     assert tasks.ensure_partitions() == {"created": []}
     assert tasks.purge_expired() == {"deleted": 0}
+
+
+def test_the_readme_beat_table_is_the_schedule():
+    import celery_config
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Beat schedule", 1)[1].split("\n#", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            rows[cells[0].strip("`")] = cells
+    assert set(rows) == set(celery_config.beat_schedule), "the README's table names every entry and no other"
+    for name, entry in celery_config.beat_schedule.items():
+        task, queue = rows[name][1], rows[name][2]
+        assert task == f"`{entry['task']}`", name
+        assert queue == f"`{celery_config.task_routes[entry['task']]['queue']}`", name
