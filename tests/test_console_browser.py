@@ -1,4 +1,6 @@
 """The console in a real browser (headless Debian Chromium driven by Playwright) over gunicorn and a worker."""
+import hashlib
+import os
 import re
 import time
 import uuid
@@ -46,12 +48,30 @@ def page(browser, tmp_path, request):
     context.close()
 
 
+@pytest.fixture
+def screenshots(tmp_path):
+    """Where the journey's screenshots go: docs/ (the README's) with UPDATE_SCREENSHOTS=1, else a temporary folder.
+
+    Refreshing the README's pictures is a deliberate act: a plain test run must leave the git tree clean.
+    It still takes them, so the code path is exercised every run.
+    """
+    if os.environ.get("UPDATE_SCREENSHOTS") == "1":
+        yield DOCS
+        return
+    def digests():
+        return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in DOCS.glob("console-*.png")}
+
+    before = digests()
+    yield tmp_path
+    assert digests() == before, "docs/console-*.png changed without UPDATE_SCREENSHOTS=1"
+
+
 def send(stack, app_id, key, **event):
     answer = stack.post(f"/api/logs/{app_id}", event, headers={"X-API-Key": key})
     assert answer.status_code == 202, answer.text
 
 
-def test_the_console_journey_in_a_browser(stack, smtp_server, page, app):  # noqa: F811
+def test_the_console_journey_in_a_browser(stack, smtp_server, page, app, screenshots):  # noqa: F811
     controller, inbox = smtp_server
     stack.web(workers=1, threads=4)
     stack.worker(MAIL_SERVER="127.0.0.1", MAIL_PORT=str(controller.port), MAIL_USE_TLS="false")
@@ -90,7 +110,7 @@ def test_the_console_journey_in_a_browser(stack, smtp_server, page, app):  # noq
     sent = time.monotonic()
     expect(page.locator("#tail [data-event-id=ev-1]")).to_be_visible(timeout=2000)
     expect(page.locator("#tail [data-event-id=ev-2]")).to_be_visible(timeout=max(100, 2000 - int((time.monotonic() - sent) * 1000)))
-    page.screenshot(path=str(DOCS / "console-live-tail.png"))
+    page.screenshot(path=str(screenshots / "console-live-tail.png"))
     # Filters, then one event's stored payload, fields and validation.
     page.get_by_label("Level").select_option("error")
     page.get_by_role("button", name="Filter").click()
@@ -110,7 +130,7 @@ def test_the_console_journey_in_a_browser(stack, smtp_server, page, app):  # noq
     expect(page.locator("td[data-level=error]")).to_have_text("1")
     expect(page.locator("td[data-level=info]")).to_have_text("1")
     assert int(page.locator("#chart").get_attribute("data-points")) >= 1
-    page.screenshot(path=str(DOCS / "console-charts.png"))
+    page.screenshot(path=str(screenshots / "console-charts.png"))
 
     # A persistence failure ends in failed events; replayed from the page, it is stored.
     sql("ALTER TABLE events ADD CONSTRAINT console_refuse CHECK (NOT (payload ? 'refuse'))")
