@@ -5,10 +5,11 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from app import events, lifecycle
+from app import events, lifecycle, rollups
 from app.errors import ApiError
 from tests.conftest import sql, wait_until
 from tests.test_persistence import make_event
+from tests.test_rollups import assert_rollups_match_events
 
 UTC = timezone.utc
 
@@ -32,11 +33,11 @@ def refuse():
     set_check(None)
 
 
-def fail_through_persistence(app, app_id, *event_ids, group="g-refused"):
+def fail_through_persistence(app, app_id, *event_ids, group="g-refused", **fields):
     """Send events through persist_pending until they are dead letters, as a worker would."""
     pending = app.extensions["intake.pending"]
     pending.put("batch_processing", group,
-                [make_event(app_id, event_id=e, refuse=True, n=i) for i, e in enumerate(event_ids)])
+                [make_event(app_id, event_id=e, refuse=True, n=i, **fields) for i, e in enumerate(event_ids)])
     outcomes = [events.persist_pending("batch_processing", group) for _ in range(app.config["PERSIST_MAX_RETRIES"] + 1)]
     assert outcomes[-1] == "failed", outcomes
 
@@ -172,6 +173,32 @@ def test_replay_stores_it_once_and_it_leaves_the_list(ctx, app, app_id, refuse, 
     assert lifecycle.replay_failed_events(app_id) == {"status": "accepted", "replaying": 0, "task_id": None}
     assert lifecycle.replay(app_id) == {"stored": 0, "failed": 0, "after_id": None}
     assert sql("SELECT count(*) FROM events WHERE app_id = %s", app_id) == [(2,)]
+
+
+def test_a_replayed_failure_is_stored_once_and_counted_once_in_the_stats(ctx, app, app_id, refuse):
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+    stamp, window = (hour + timedelta(minutes=10)).isoformat(), {"since": hour, "until": hour + timedelta(hours=1)}
+    refuse("refuse_marked")
+    events.store_events([make_event(app_id, event_id="ok", timestamp=stamp, user_id="u1")])
+    fail_through_persistence(app, app_id, "bad-1", "bad-2", timestamp=stamp, user_id="u2")
+    rollups.refresh()
+    before = rollups.app_stats(app_id, **window)
+    assert before["total"] == 1
+    assert before["ingestion"] == {"accepted": 3, "stored": 1, "failed": 2, "lag_seconds": 0.0}
+
+    refuse(None)
+    assert lifecycle.replay(app_id) == {"stored": 2, "failed": 0, "after_id": None}
+    # The same events again: a second replay, and a client that re-sends one.
+    assert lifecycle.replay(app_id) == {"stored": 0, "failed": 0, "after_id": None}
+    events.store_events([make_event(app_id, event_id="bad-1", refuse=True, n=0, timestamp=stamp, user_id="u2")])
+    rollups.refresh()
+    after = rollups.app_stats(app_id, **window)
+    assert stored(app_id, "bad-1") == 1 and stored(app_id, "bad-2") == 1
+    assert after["total"] == 3 and after["by_level"] == {"info": 3}
+    [row] = after["series"]
+    assert (row["count"], row["users"]) == (3, 2)
+    assert after["ingestion"] == {"accepted": 3, "stored": 3, "failed": 0, "lag_seconds": 0.0}
+    assert_rollups_match_events(app_id)
 
 
 def test_replay_of_an_event_stored_meanwhile_does_not_store_it_twice(ctx, app_id):
