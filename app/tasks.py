@@ -1,11 +1,13 @@
 """Celery tasks: thin wrappers that take ids or plain JSON and call the domain modules."""
-import smtplib
+import logging
 
 from celery import shared_task
 from flask import current_app
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from app import events, lifecycle, mail, redelivery, retention, rollups
+
+log = logging.getLogger(__name__)
 
 
 @shared_task(name="intake.persist_events")
@@ -28,15 +30,20 @@ def redeliver_pending() -> int:
 
 @shared_task(
     name="intake.send_email",
-    autoretry_for=(smtplib.SMTPException, OSError),
+    autoretry_for=(mail.MailFailed, OSError),
     retry_backoff=5,
     retry_backoff_max=600,
     retry_jitter=True,
     max_retries=8,
 )
-def send_email(to: str, subject: str, text: str, html: str | None = None) -> None:
-    """Send one mail (queue `emails`)."""
-    mail.send_message(mail.build_message(to, subject, text, html))
+def send_email(to: str, subject: str, text: str, html: str | None = None) -> str | None:
+    """Send one mail (queue `emails`); a permanent refusal is given up at once ("failed")."""
+    try:
+        mail.send_message(mail.build_message(to, subject, text, html))
+    except mail.MailRefused as refusal:
+        log.warning("mail %r refused for good, not retried: %s", subject, refusal)
+        return "failed"
+    return None
 
 
 # Database outages are waited out (the failed_events rows and the deletion mark are the

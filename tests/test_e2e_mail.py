@@ -1,5 +1,6 @@
 """Mail leaves through the `emails` queue's worker to a real SMTP server (aiosmtpd)."""
 import email
+import logging
 import threading
 
 import pytest
@@ -96,3 +97,89 @@ def test_starttls_verifies_the_servers_certificate(starttls_server, monkeypatch)
         monkeypatch.setattr(ssl, "create_default_context", lambda: default_context(cafile=str(cert)))
         mail.send_message(mail.build_message("ada@example.com", "Your code", "Code: 123456"))
     assert [m["Subject"] for m in inbox.messages] == ["Your code"]
+
+
+# --- refusals: permanent ones are not retried, and no log line names the recipient ----------
+
+ADDRESS = "ada@example.com"
+
+
+class Refusing:
+    """An aiosmtpd handler that refuses at `stage` (RCPT or DATA) with `code`, quoting the address as servers do."""
+
+    def __init__(self, stage, code):
+        self.stage, self.code, self.attempts = stage, code, 0
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        self.attempts += 1
+        if self.stage == "RCPT":
+            return f"{self.code} {self.code // 100}.1.1 <{address}>: Recipient address rejected"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        return f"{self.code} {self.code // 100}.7.1 message to <{envelope.rcpt_tos[0]}> refused"
+
+
+@pytest.fixture
+def refusing_server(request):
+    handler = Refusing(*request.param)
+    controller = Controller(handler, hostname="127.0.0.1", port=free_port())
+    controller.start()
+    yield controller, handler
+    controller.stop()
+
+
+def our_log(caplog) -> str:
+    """Every line logged in this process but the SMTP server's own conversation (aiosmtpd's `mail.log`)."""
+    return "\n".join(record.getMessage() + (caplog.handler.formatter.formatException(record.exc_info)
+                                            if record.exc_info else "")
+                     for record in caplog.records if not record.name.startswith("mail.log"))
+
+
+def send_eagerly(controller):
+    """Run the send_email task in this process (eager: its retries follow at once); its result."""
+    from app import create_app, tasks
+
+    app = create_app({"MAIL_SERVER": "127.0.0.1", "MAIL_PORT": controller.port, "MAIL_USE_TLS": False})
+    with app.app_context():
+        return tasks.send_email.apply(args=[ADDRESS, "Your code", "Code: 123456"])
+
+
+@pytest.mark.parametrize("refusing_server", [("RCPT", 550), ("RCPT", 553), ("DATA", 554)], indirect=True)
+def test_a_permanent_refusal_is_tried_once_and_logged_without_the_address(refusing_server, caplog):
+    controller, handler = refusing_server
+    caplog.set_level(logging.DEBUG)
+    result = send_eagerly(controller)
+    assert handler.attempts == 1
+    assert result.state == "SUCCESS" and result.result == "failed"  # given up: the task line says "failed"
+    refused = [r for r in caplog.records if "refused" in r.getMessage() and not r.name.startswith("mail.log")]
+    assert len(refused) == 1 and str(handler.code) in refused[0].getMessage()
+    assert ADDRESS not in our_log(caplog)
+
+
+@pytest.mark.parametrize("refusing_server", [("RCPT", 450), ("DATA", 451)], indirect=True)
+def test_a_temporary_refusal_is_retried_and_its_retries_do_not_name_the_address(refusing_server, caplog):
+    from app import tasks
+
+    controller, handler = refusing_server
+    caplog.set_level(logging.DEBUG)
+    result = send_eagerly(controller)
+    assert handler.attempts == tasks.send_email.max_retries + 1
+    assert result.state == "FAILURE"
+    # What Celery logs for a retry or a failure: the exception and its traceback.
+    assert str(handler.code) in str(result.result)
+    assert ADDRESS not in repr(result.result) and ADDRESS not in (result.traceback or "")
+    assert ADDRESS not in our_log(caplog)
+
+
+@pytest.mark.parametrize("refusing_server", [("RCPT", 550)], indirect=True)
+def test_a_worker_gives_up_a_refused_mail_at_once_without_logging_the_address(stack, app, refusing_server):
+    controller, handler = refusing_server
+    worker = stack.worker(queues="emails", MAIL_SERVER="127.0.0.1", MAIL_PORT=str(controller.port),
+                          MAIL_USE_TLS="false")
+    app.extensions["celery"].send_task("intake.send_email", args=[ADDRESS, "Your code", "Code: 123456"])
+    worker.wait_for_output('"task":"intake.send_email"', timeout=30)
+    worker.wait_for_output('"outcome":"failed"', timeout=5)
+    assert handler.attempts == 1
+    assert ADDRESS not in worker.output()
