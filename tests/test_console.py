@@ -2,9 +2,26 @@
 import re
 from pathlib import Path
 
+import pytest
+
 from app.config import Config
 
 STATIC = Path(__file__).resolve().parent.parent / "app"
+PASSWORD = "a long enough secret"
+SIGNED_OUT_FORMS = ("/console/sign-in", "/console/sign-up", "/console/verify", "/console/forgot", "/console/reset")
+
+
+def form_token(client, path="/console/sign-in") -> str:
+    """The CSRF value the forms of the page at `path` post."""
+    return re.search(r'name="csrf_token" value="([^"]+)"', client.get(path).get_data(as_text=True)).group(1)
+
+
+@pytest.fixture
+def ada(make_user):
+    """A verified user with a known password; returns their id."""
+    from app.accounts.passwords import hash_password
+
+    return make_user(email="ada@example.com", password_hash=hash_password(PASSWORD))[0]
 
 
 def test_every_console_page_sends_the_signed_out_to_sign_in(app, client):
@@ -20,21 +37,36 @@ def test_every_console_page_sends_the_signed_out_to_sign_in(app, client):
             assert answer.status_code == 302 and "/console/sign-in" in answer.headers["Location"], (method, url)
 
 
-def test_sign_in_never_redirects_to_another_site(client, make_user):
-    from app.accounts.passwords import hash_password
-
-    make_user(email="ada@example.com", password_hash=hash_password("a long enough secret"))
+def test_sign_in_never_redirects_to_another_site(client, ada):
+    token = form_token(client)
     for target, expected in (("https://evil.example/", "/console/apps"), ("//evil.example", "/console/apps"),
                              ("/console/apps/x", "/console/apps/x")):
-        answer = client.post("/console/sign-in", data={"email": "ada@example.com", "password": "a long enough secret",
-                                                       "next": target})
+        answer = client.post("/console/sign-in", data={"email": "ada@example.com", "password": PASSWORD,
+                                                       "next": target, "csrf_token": token})
         assert answer.status_code == 302 and answer.headers["Location"] == expected
 
 
 def test_a_wrong_password_is_shown_on_the_form_and_sets_no_cookie(client):
-    answer = client.post("/console/sign-in", data={"email": "nobody@example.com", "password": "wrong password!"})
+    answer = client.post("/console/sign-in", data={"email": "nobody@example.com", "password": "wrong password!",
+                                                   "csrf_token": form_token(client)})
     assert answer.status_code == 401 and b"The address or the password is wrong." in answer.data
     assert "Set-Cookie" not in answer.headers
+
+
+def test_the_forms_before_sign_in_refuse_a_post_without_their_csrf_token(app, client, ada):
+    # Login CSRF: another site must not sign the browser in to the attacker's account (or post the other forms).
+    other = app.test_client()
+    foreign = form_token(other)  # a valid token, but of another browser
+    for path in SIGNED_OUT_FORMS:
+        mine = form_token(client, path)
+        for sent in ({}, {"csrf_token": ""}, {"csrf_token": foreign}):
+            answer = client.post(path, data={"email": "ada@example.com", "password": PASSWORD, **sent})
+            assert answer.status_code == 400 and b"CSRF" in answer.data, (path, sent)
+            assert "Set-Cookie" not in answer.headers
+        assert mine == form_token(client), "one token per browser session"
+    answer = client.post("/console/sign-in", data={"email": "ada@example.com", "password": PASSWORD,
+                                                   "csrf_token": form_token(client)})
+    assert answer.status_code == 302 and client.get_cookie("access_token_cookie")
 
 
 def test_cookies_are_secure_in_production_and_csrf_protected():

@@ -58,6 +58,7 @@ def screenshots(tmp_path):
     if os.environ.get("UPDATE_SCREENSHOTS") == "1":
         yield DOCS
         return
+
     def digests():
         return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in DOCS.glob("console-*.png")}
 

@@ -1,7 +1,9 @@
 """The console's session: the accounts' JWTs in HttpOnly cookies, refreshed quietly, CSRF on every change."""
+import secrets
 from functools import wraps
+from hmac import compare_digest
 
-from flask import after_this_request, g, redirect, request, url_for
+from flask import after_this_request, g, redirect, request, session, url_for
 from flask_jwt_extended import (create_access_token, decode_token, get_jwt, get_jwt_identity, set_access_cookies,
                                 verify_jwt_in_request)
 from flask_jwt_extended.exceptions import CSRFError, JWTExtendedException
@@ -10,13 +12,39 @@ from jwt.exceptions import PyJWTError
 from app.errors import ApiError
 
 
+# Before sign-in there is no JWT to carry a CSRF value: the forms of those pages post one kept in Flask's
+# signed session cookie (the one flash messages use), which another site can neither read nor set.
+SIGNED_OUT_CSRF = "console.csrf"
+
+
+def csrf_failed() -> ApiError:
+    return ApiError(400, "csrf_failed", "The form is missing its CSRF token; reload the page and try again.")
+
+
+def _same(sent: str, expected: str) -> bool:
+    return compare_digest(sent.encode(), expected.encode())
+
+
+def signed_out_csrf_token() -> str:
+    """The CSRF value of the forms used before sign-in (sign in, sign up, verify, forgot, reset)."""
+    if SIGNED_OUT_CSRF not in session:
+        session[SIGNED_OUT_CSRF] = secrets.token_urlsafe(32)
+    return session[SIGNED_OUT_CSRF]
+
+
+def check_signed_out_csrf() -> None:
+    """Refuse (400) a form posted before sign-in without this browser's CSRF value."""
+    expected = session.get(SIGNED_OUT_CSRF)
+    if not expected or not _same(request.form.get("csrf_token", ""), expected):
+        raise csrf_failed()
+
+
 def _verify(refresh=False) -> bool:
     try:
         verify_jwt_in_request(refresh=refresh, locations=["cookies"])
         return True
     except CSRFError:
-        raise ApiError(400, "csrf_failed", "The form is missing its CSRF token; reload the page and try again.") \
-            from None
+        raise csrf_failed() from None
     except (JWTExtendedException, PyJWTError):
         return False
 

@@ -9,7 +9,7 @@ from marshmallow import ValidationError
 
 from app import lifecycle, rollups
 from app.accounts import schemas, tokens, users
-from app.console.session import signed_in
+from app.console.session import check_signed_out_csrf, signed_in, signed_out_csrf_token
 from app.errors import ApiError, schema_details
 from app.manage import app_rules, apps, event_queries
 from app.manage import schemas as manage_schemas
@@ -27,6 +27,21 @@ LEVELS = rollups.LEVELS
 def vendor(filename):
     """Vendored libraries (app/static/vendor, see VENDORED.md)."""
     return send_from_directory(VENDOR, filename, max_age=3600)
+
+
+# The forms used before sign-in; their CSRF value is not a JWT's (there is none yet): see session.py.
+SIGNED_OUT_FORMS = {"console.sign_in", "console.sign_up", "console.verify", "console.forgot", "console.reset"}
+
+
+@bp.before_request
+def check_signed_out_form():
+    if request.method == "POST" and request.endpoint in SIGNED_OUT_FORMS:
+        check_signed_out_csrf()
+
+
+@bp.context_processor
+def signed_out_csrf():
+    return {"signed_out_csrf_token": signed_out_csrf_token}
 
 
 @bp.errorhandler(ApiError)
