@@ -25,6 +25,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -295,7 +296,9 @@ class FolderPendingStore:
 
     One JSON file per group in a folder per queue, written to a unique temporary file,
     fsynced, renamed and the folder fsynced: a power cut leaves the old record or the
-    new one. The file's modification time is the group's acceptance time (for the
+    new one; a stored group's tombstone, then its record's removal, are fsynced too. A record
+    that does not parse or has not the shape written here is moved aside to corrupt/ (and
+    logged). The file's modification time is the group's acceptance time (for the
     gauges, without reading every file). Claims and takes hold a lock per queue.
     """
 
@@ -322,12 +325,14 @@ class FolderPendingStore:
         os.utime(path, (accepted, accepted))
 
     def _read(self, path: Path) -> dict | None:
-        """The record, or None if there is none; a corrupt one is moved aside (and logged)."""
+        """The record, or None if there is none; a corrupt or unusable one is moved aside (and logged)."""
         try:
-            return json.loads(path.read_bytes())
+            record = json.loads(path.read_bytes())
+            _check_record(record)
+            return record
         except FileNotFoundError:
             return None
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:  # json's errors and _check_record's
             aside = self.folder / "corrupt" / f"{path.parent.name}-{path.name}"
             aside.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
@@ -375,12 +380,23 @@ class FolderPendingStore:
                 record["due"] = time.time() + self.redeliver_after
                 self._write(queue, group_id, record, path.stat().st_mtime)
 
-    def done(self, queue, group_id):
+    def _tombstone(self, group_id):
+        # Synced before the record goes: else a power cut could leave neither, and a later
+        # copy of the group's message would be reported as lost data.
         tombstone = self.folder / "stored" / group_id
         tombstone.parent.mkdir(parents=True, exist_ok=True)
         tombstone.touch()
+        _sync_folder(tombstone.parent)
+
+    def _remove(self, queue, group_id):
+        path = self._path(queue, group_id)
+        path.unlink(missing_ok=True)
+        _sync_folder(path.parent)  # else a power cut brings the stored group back, to be written again
+
+    def done(self, queue, group_id):
+        self._tombstone(group_id)
         with self._locked(queue):  # not while a claim rewrites it
-            self._path(queue, group_id).unlink(missing_ok=True)
+            self._remove(queue, group_id)
 
     def reschedule(self, queue, group_id, events, attempts, delay):
         path = self._path(queue, group_id)
@@ -400,9 +416,8 @@ class FolderPendingStore:
                 record = {"flight": None, "due": time.time(), "attempts": attempts, "deliveries": deliveries,
                           "events": events}
                 self._write(queue, part_id, record, accepted)
-            self._path(queue, group_id).unlink(missing_ok=True)
-        (self.folder / "stored").mkdir(parents=True, exist_ok=True)
-        (self.folder / "stored" / group_id).touch()
+            self._tombstone(group_id)
+            self._remove(queue, group_id)
         return ids
 
     def claim_due(self, queue, queue_empty=False, limit=1000):
@@ -485,14 +500,38 @@ def _write_durably(path: Path, data: bytes, sync: bool = True) -> None:
             os.unlink(tmp)
         raise
     if sync:
-        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(folder)
-        except OSError as error:  # some file systems cannot fsync a folder
-            if error.errno != errno.EINVAL:
-                raise
-        finally:
-            os.close(folder)
+        _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, so that the names created, renamed or removed in it survive a power cut."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as error:  # some file systems cannot fsync a folder
+        if error.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_record(record) -> None:
+    """Raise ValueError unless `record` has the shape FolderPendingStore writes (JSON that parses may not)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"not a JSON object but {type(record).__name__}")
+    if not isinstance(record.get("events"), list):
+        raise ValueError("events is not a list")
+    if not isinstance(record.get("attempts"), int) or isinstance(record["attempts"], bool):
+        raise ValueError("attempts is not an integer")
+    if not isinstance(record.get("deliveries", 0), int) or isinstance(record.get("deliveries"), bool):
+        raise ValueError("deliveries is not an integer")
+    for field in ("flight", "due"):
+        if record.get(field) is not None and not _is_number(record[field]):
+            raise ValueError(f"{field} is not a time")
 
 
 def pending_store_from_config(config) -> RedisPendingStore | FolderPendingStore:

@@ -183,3 +183,45 @@ def test_a_corrupt_record_is_moved_aside_and_the_sweep_goes_on(folder_store, cap
     assert (folder_store.folder / "corrupt" / "default-a.json").read_text() == '{"flight": 1, "ev'
     assert "corrupt pending record" in caplog.text
     assert json.loads((folder_store.folder / "default" / "b.json").read_text())["events"] == [{"event_id": "b"}]
+
+
+@pytest.mark.parametrize("content", ["[]", '"x"', "3", "null", "[" * 100_000,
+                                     '{"flight": 1, "due": null, "attempts": 0}',
+                                     '{"flight": "soon", "due": null, "attempts": 0, "events": []}',
+                                     '{"flight": NaN, "due": null, "attempts": 0, "events": []}',
+                                     '{"flight": null, "due": 1, "attempts": "0", "events": []}',
+                                     '{"flight": null, "due": 1, "attempts": 0, "deliveries": [], "events": []}'])
+def test_a_record_that_parses_but_is_unusable_is_moved_aside_too(folder_store, caplog, content):
+    folder_store.put("default", "a", [{"event_id": "a"}])
+    folder_store.put("default", "b", [{"event_id": "b"}])
+    folder_store.put("default", "c", [{"event_id": "c"}])
+    (folder_store.folder / "default" / "a.json").write_text(content)
+    (folder_store.folder / "default" / "c.json").write_text(content)
+    assert folder_store.take("default", "c").status == "missing"  # a worker's take is not halted either
+    after_lease()
+    assert folder_store.claim_due("default", queue_empty=True) == ["b"]
+    assert not (folder_store.folder / "default" / "a.json").exists()
+    assert (folder_store.folder / "corrupt" / "default-a.json").read_text() == content
+    assert caplog.text.count("corrupt pending record") == 2
+    assert folder_store.stats(["default"])["default"][0] == 1
+
+
+def test_a_stored_group_is_fsynced_away_after_its_tombstone(folder_store, monkeypatch):
+    folder_store.put("default", "g", [{"event_id": "e"}])
+    folder_store.split("default", "g", [[{"event_id": "e"}]], attempts=0, deliveries=1)
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    folder_store.done("default", "g.0")
+    # The tombstone's name is durable before the record's removal, and the removal itself.
+    assert synced == ["stored", "default"]
+    synced.clear()
+    folder_store.put("default", "h", [{"event_id": "e"}])
+    synced.clear()
+    folder_store.split("default", "h", [[{"event_id": "e"}], [{"event_id": "f"}]], attempts=0, deliveries=1)
+    assert synced[-2:] == ["stored", "default"]
