@@ -44,6 +44,7 @@ class Invalidation:
         self._client = None
         self._listener_pid = None
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
 
     @property
     def channel(self) -> str:
@@ -92,11 +93,11 @@ class Invalidation:
         client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=1.0, socket_keepalive=True,
                                       health_check_interval=POLL_SECONDS * 2, client_name=LISTENER_NAME)
         delay = 0.5
-        while True:
+        while not self._stopping.is_set():
             pubsub = client.pubsub()
             try:
                 pubsub.subscribe(self.channel)
-                while True:
+                while not self._stopping.is_set():
                     message = pubsub.get_message(timeout=POLL_SECONDS)
                     if message is None:
                         continue
@@ -109,10 +110,14 @@ class Invalidation:
             except Exception as error:  # the thread must outlive any failure, Redis's or a bad message's
                 log.warning("invalidation listener: %s; retrying in %.1f s (RULES_CACHE_TTL applies meanwhile)",
                             type(error).__name__, delay)
-                time.sleep(delay)
+                self._stopping.wait(delay)
                 delay = min(delay * 2, RETRY_MAX_SECONDS)
             finally:
                 pubsub.close()
+
+    def stop(self) -> None:
+        """End this process's listener (within POLL_SECONDS); the TTL alone bounds staleness after."""
+        self._stopping.set()
 
     def _handle(self, client: redis.Redis, data: bytes) -> None:
         try:

@@ -115,6 +115,9 @@ def redis(test_environment):
 def clean_state(request, test_environment):
     """Each test starts with empty tables and an empty Redis db."""
     yield
+    from tests.private_redis import stop_isolated_apps
+
+    stop_isolated_apps()
     if "no_clean" in request.keywords:
         return
     conn = psycopg2.connect(DATABASE_URL)

@@ -75,4 +75,15 @@ def isolated_app(config):
     saved = _state.default_app
     app = create_app(config)
     _state.set_default_app(saved)
+    ISOLATED_APPS.append(app)
     return app
+
+
+# Apps made by isolated_app, whose invalidation listeners (threads of this process) are stopped
+# after each test: their private Redis is gone by then, and they would retry for ever.
+ISOLATED_APPS = []
+
+
+def stop_isolated_apps():
+    while ISOLATED_APPS:
+        ISOLATED_APPS.pop().extensions["intake.invalidation"].stop()

@@ -348,3 +348,18 @@ def test_a_listener_that_does_not_acknowledge_delays_the_answer_at_most_a_second
         assert ACK_TIMEOUT - 0.1 < time.monotonic() - started < ACK_TIMEOUT + 1
     finally:
         mute.close()
+
+
+def test_a_stopped_listener_ends_its_thread_even_while_redis_is_unreachable():
+    import threading
+
+    from app.invalidation import POLL_SECONDS, Invalidation
+
+    before = set(threading.enumerate())
+    unreachable = Invalidation("redis://127.0.0.1:1/0", RecordingCache())
+    unreachable.ensure_listening()
+    [listener] = [t for t in threading.enumerate() if t not in before and t.name == "intake-invalidation"]
+    time.sleep(1)  # failing to connect, waiting to retry
+    unreachable.stop()
+    listener.join(POLL_SECONDS + 2)
+    assert not listener.is_alive()
