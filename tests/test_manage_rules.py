@@ -118,6 +118,30 @@ def test_an_invalid_schema_is_422_with_the_reason(client, owner, shop, rule, sch
         assert sql("SELECT * FROM rules") == before
 
 
+@pytest.mark.parametrize(
+    "schema, reason",
+    [
+        ({"allOf": [{"$ref": "#"}]}, "without end"),  # would recurse on the same value for ever
+        ({"properties": {"x": {"pattern": "(?=a)a"}}}, "RE2"),  # lookahead: RE2 cannot run it
+    ],
+)
+def test_a_schema_the_validator_cannot_run_is_refused_on_every_write(client, owner, shop, rule, schema, reason):
+    url = f"{shop[2]}/{rule['id']}"
+    before = sql("SELECT * FROM rules")
+    for method, path, body in (("POST", shop[2], {**RULE, "schema": schema}), ("PUT", url, {**RULE, "schema": schema}),
+                               ("PATCH", url, {"schema": schema})):
+        response = client.open(path, method=method, json=body, headers=owner)
+        assert response.status_code == 422, (method, response.get_data(as_text=True))
+        body = response.get_json()
+        assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}
+        assert body["error"]["code"] == "invalid_request" and body["error"]["message"]
+        [detail] = body["error"]["details"]
+        assert detail["path"] == "/schema" and reason in detail["message"], detail
+    assert sql("SELECT * FROM rules") == before
+    assert client.get(shop[2], headers=owner).get_json() == {"rules": [rule]}
+    assert purchase(client, shop, amount=1, x="b").status_code == 202  # the app's rule is the one it had
+
+
 def nested(depth):
     schema = {}
     for _ in range(depth):
