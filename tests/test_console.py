@@ -1,5 +1,7 @@
 """The console without a browser: every page needs a session, the JavaScript budget, cookie settings."""
 import re
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,43 @@ def ada(make_user):
     from app.accounts.passwords import hash_password
 
     return make_user(email="ada@example.com", password_hash=hash_password(PASSWORD))[0]
+
+
+@pytest.fixture
+def signed_in(client, ada):
+    """`client` signed in to the console through its form; returns the user's id."""
+    answer = client.post("/console/sign-in", data={"email": "ada@example.com", "password": PASSWORD,
+                                                   "csrf_token": form_token(client)})
+    assert answer.status_code == 302
+    return ada
+
+
+def cookie_claims(app, client, name) -> dict:
+    from flask_jwt_extended import decode_token
+
+    with app.app_context():
+        return decode_token(client.get_cookie(name).value, allow_expired=True)
+
+
+def revoked(app, claims) -> bool:
+    from app.accounts import tokens
+
+    with app.app_context():
+        return tokens.blocklist().is_revoked(claims["jti"])
+
+
+def expire_access_token(app, client, user_id, csrf):
+    """Make the access cookie an expired token, as 15 minutes after a page with `csrf` in its forms was rendered."""
+    from flask_jwt_extended import create_access_token
+
+    with app.app_context():
+        client.set_cookie("access_token_cookie", create_access_token(
+            identity=user_id, expires_delta=timedelta(seconds=-60), additional_claims={"csrf": csrf}))
+
+
+def signed_out(client) -> bool:
+    return client.get_cookie("access_token_cookie") is None and client.get_cookie("refresh_token_cookie") is None \
+        and client.get("/console/apps").status_code == 302
 
 
 def test_every_console_page_sends_the_signed_out_to_sign_in(app, client):
@@ -81,3 +120,69 @@ def test_the_javascript_a_page_loads_stays_under_150_kb():
     heaviest = max((vendored / "htmx" / "htmx.min.js").stat().st_size,
                    (vendored / "uplot" / "uPlot.iife.min.js").stat().st_size + (own / "charts.js").stat().st_size)
     assert heaviest + (own / "console.js").stat().st_size < 150 * 1024
+
+
+def test_sign_out_revokes_both_tokens_and_clears_the_cookies(app, client, signed_in):
+    access, refresh = cookie_claims(app, client, "access_token_cookie"), cookie_claims(app, client, "refresh_token_cookie")
+    kept = client.get_cookie("refresh_token_cookie").value
+    answer = client.post("/console/sign-out", data={"csrf_token": form_token(client, "/console/apps")})
+    assert answer.status_code == 302 and answer.headers["Location"] == "/console/sign-in"
+    assert revoked(app, access) and revoked(app, refresh)
+    assert signed_out(client)
+    # A copy of the refresh cookie no longer signs anybody in.
+    client.set_cookie("refresh_token_cookie", kept)
+    assert client.get("/console/apps").status_code == 302
+
+
+def test_sign_out_works_after_the_access_token_expired(app, client, signed_in):
+    csrf = form_token(client, "/console/apps")
+    expire_access_token(app, client, signed_in, csrf)
+    refresh = cookie_claims(app, client, "refresh_token_cookie")
+    answer = client.post("/console/sign-out", data={"csrf_token": csrf})
+    assert answer.status_code == 302 and answer.headers["Location"] == "/console/sign-in"
+    assert revoked(app, refresh)
+    assert signed_out(client), "the next page must not sign the user in again"
+
+
+def test_a_live_tail_open_across_a_renewal_keeps_working_forms(app, client, signed_in):
+    from app.manage import apps
+
+    with app.app_context():
+        app_id = apps.add_app(apps.account(signed_in), "shop")[0].id
+    csrf = form_token(client, f"/console/apps/{app_id}")
+    expire_access_token(app, client, signed_in, csrf)
+    # The 1 s poll renews the access cookie from the refresh cookie...
+    polled = client.get(f"/console/apps/{app_id}/tail", headers={"HX-Request": "true"})
+    assert polled.status_code == 200 and "access_token_cookie=" in " ".join(polled.headers.getlist("Set-Cookie"))
+    assert cookie_claims(app, client, "access_token_cookie")["exp"] > time.time()
+    # ...and the forms the page was rendered with are still accepted: a rename, then sign-out.
+    assert client.post(f"/console/apps/{app_id}/rename", data={"name": "shop-2", "csrf_token": csrf}).status_code == 302
+    refresh = cookie_claims(app, client, "refresh_token_cookie")
+    answer = client.post("/console/sign-out", data={"csrf_token": csrf})
+    assert answer.status_code == 302 and answer.headers["Location"] == "/console/sign-in"
+    assert revoked(app, refresh) and signed_out(client)
+
+
+def test_sign_out_without_the_csrf_token_changes_nothing(app, client, signed_in):
+    csrf = form_token(client, "/console/apps")
+    access, refresh = cookie_claims(app, client, "access_token_cookie"), cookie_claims(app, client, "refresh_token_cookie")
+    for sent in ({}, {"csrf_token": ""}, {"csrf_token": csrf + "x"}, {"csrf_token": "é"}):
+        answer = client.post("/console/sign-out", data=sent)
+        assert answer.status_code == 400 and b"CSRF" in answer.data, sent
+        assert "Set-Cookie" not in answer.headers
+    expire_access_token(app, client, signed_in, csrf)
+    assert client.post("/console/sign-out", data={"csrf_token": "forged"}).status_code == 400
+    assert not revoked(app, access) and not revoked(app, refresh)
+    assert client.get("/console/apps").status_code == 200
+
+
+def test_sign_out_clears_the_cookies_even_when_revocation_fails(app, client, signed_in, monkeypatch):
+    import redis
+
+    def unavailable(jti, seconds_left):
+        raise redis.ConnectionError("down")
+
+    monkeypatch.setattr(app.extensions["intake.blocklist"], "revoke", unavailable)
+    answer = client.post("/console/sign-out", data={"csrf_token": form_token(client, "/console/apps")})
+    assert answer.status_code == 503
+    assert client.get_cookie("access_token_cookie") is None and client.get_cookie("refresh_token_cookie") is None

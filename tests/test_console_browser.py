@@ -4,6 +4,7 @@ import os
 import re
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,10 @@ def screenshots(tmp_path):
     before = digests()
     yield tmp_path
     assert digests() == before, "docs/console-*.png changed without UPDATE_SCREENSHOTS=1"
+
+
+def access_cookie(page) -> str | None:
+    return next((c["value"] for c in page.context.cookies() if c["name"] == "access_token_cookie"), None)
 
 
 def send(stack, app_id, key, **event):
@@ -185,8 +190,16 @@ def test_the_console_journey_in_a_browser(stack, smtp_server, page, app, screens
     assert all("404" in error for error in page.js_errors)
     page.js_errors.clear()
 
-    # Signed out, every console URL leads to sign-in.
+    # Sign out from a live tail open across a renewal: the access token expires, the poll renews it from the
+    # refresh cookie, and the page's forms (rendered before) still sign out; then every URL leads to sign-in.
     page.goto(base + f"/console/apps/{app_id}")
+    csrf = page.locator("header input[name=csrf_token]").input_value()
+    with app.app_context():
+        from flask_jwt_extended import create_access_token
+        expired = create_access_token(identity=sql("SELECT id FROM users WHERE email = %s", email)[0][0],
+                                      expires_delta=timedelta(seconds=-60), additional_claims={"csrf": csrf})
+    page.context.add_cookies([{"name": "access_token_cookie", "value": expired, "url": base, "httpOnly": True}])
+    wait_until(lambda: access_cookie(page) not in (None, expired), timeout=5, message="the poll's renewal")
     page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
     for path in ("/console/apps", f"/console/apps/{app_id}", f"/console/apps/{app_id}/charts",

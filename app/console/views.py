@@ -4,12 +4,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from flask import Blueprint, flash, g, redirect, render_template, request, send_from_directory, url_for
-from flask_jwt_extended import get_jwt, set_access_cookies, set_refresh_cookies, unset_jwt_cookies, verify_jwt_in_request
+from flask_jwt_extended import set_access_cookies, set_refresh_cookies
 from marshmallow import ValidationError
 
 from app import lifecycle, rollups
-from app.accounts import schemas, tokens, users
-from app.console.session import check_signed_out_csrf, signed_in, signed_out_csrf_token
+from app.accounts import schemas, users
+from app.console.session import check_signed_out_csrf, end_session, signed_in, signed_out_csrf_token
 from app.errors import ApiError, schema_details
 from app.manage import app_rules, apps, event_queries
 from app.manage import schemas as manage_schemas
@@ -134,19 +134,10 @@ def sign_in():
 
 
 @bp.post("/sign-out")
-@signed_in
 def sign_out():
-    """Revoke both tokens and clear the cookies."""
-    tokens.revoke(get_jwt())
-    try:
-        verify_jwt_in_request(refresh=True, locations=["cookies"], optional=True)
-        if get_jwt():
-            tokens.revoke(get_jwt())
-    except Exception:  # an expired or missing refresh token has nothing left to revoke
-        pass
-    response = redirect(url_for("console.sign_in"))
-    unset_jwt_cookies(response)
-    return response
+    """Revoke both tokens and clear the cookies, whether or not the access token is still valid."""
+    end_session()
+    return redirect(url_for("console.sign_in"))
 
 
 @bp.route("/forgot", methods=["GET", "POST"])
