@@ -186,3 +186,34 @@ def test_sign_out_clears_the_cookies_even_when_revocation_fails(app, client, sig
     answer = client.post("/console/sign-out", data={"csrf_token": form_token(client, "/console/apps")})
     assert answer.status_code == 503
     assert client.get_cookie("access_token_cookie") is None and client.get_cookie("refresh_token_cookie") is None
+
+
+def key_shown(answer) -> str | None:
+    found = re.search(r'id="api-key" readonly value="([^"]+)"', answer.get_data(as_text=True))
+    return found and found.group(1)
+
+
+def shown_once(client, answer, app_id):
+    """The POST redirected to the key page, which shows the app's key the first time only, never cached."""
+    from app.rules import hash_api_key
+    from tests.conftest import sql
+
+    # POST-redirect-GET: the page a reload repeats is a GET that changes nothing.
+    assert answer.status_code in (302, 303) and answer.headers["Location"] == f"/console/apps/{app_id}/key"
+    shown = client.get(answer.headers["Location"])
+    stored = sql("SELECT api_key_hash FROM apps WHERE id = %s", app_id)[0][0]
+    assert shown.status_code == 200 and hash_api_key(key_shown(shown)) == stored
+    reloaded = client.get(answer.headers["Location"])
+    assert reloaded.status_code == 200 and key_shown(reloaded) is None and b"shown once" in reloaded.data
+    assert shown.headers["Cache-Control"] == reloaded.headers["Cache-Control"] == "no-store"
+    assert sql("SELECT api_key_hash FROM apps") == [(stored,)], "a second app or a second rotation"
+
+
+def test_a_new_key_is_shown_once_and_a_reload_neither_creates_nor_rotates_again(client, signed_in):
+    from tests.conftest import sql
+
+    csrf = form_token(client, "/console/apps")
+    created = client.post("/console/apps", data={"name": "shop", "csrf_token": csrf})
+    app_id = sql("SELECT id FROM apps")[0][0]
+    shown_once(client, created, app_id)
+    shown_once(client, client.post(f"/console/apps/{app_id}/rotate-key", data={"csrf_token": csrf}), app_id)

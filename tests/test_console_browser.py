@@ -106,6 +106,10 @@ def test_the_console_journey_in_a_browser(stack, smtp_server, page, app, screens
     page.get_by_role("button", name="Copy").click()
     expect(page.get_by_text("Copied.")).to_be_visible()
     assert page.evaluate("navigator.clipboard.readText()") == key
+    # The key page is a GET after the POST: a reload creates no second app and no longer shows the key.
+    page.reload()
+    expect(page.get_by_text("was shown once")).to_be_visible()
+    assert sql("SELECT count(*) FROM apps")[0][0] == 1
     page.get_by_role("link", name="Live tail").first.click()
     app_id = re.search(r"/console/apps/([0-9a-f-]{36})", page.url).group(1)
 
@@ -169,6 +173,8 @@ def test_the_console_journey_in_a_browser(stack, smtp_server, page, app, screens
     page.get_by_role("button", name="Rotate the key").click()
     new_key = page.get_by_label("App key").input_value()
     assert new_key != key
+    page.reload()  # rotates nothing: the new key below still works
+    expect(page.get_by_text("was shown once")).to_be_visible()
     assert stack.post(f"/api/logs/{app_id}", {"event_name": "x"}, headers={"X-API-Key": key}).status_code == 401
     send(stack, app_id, new_key, event_name="after-rotation")
     assert page.js_errors == []

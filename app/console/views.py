@@ -3,7 +3,8 @@ import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from flask import Blueprint, flash, g, redirect, render_template, request, send_from_directory, url_for
+from flask import (Blueprint, flash, g, make_response, redirect, render_template, request, send_from_directory, session,
+                   url_for)
 from flask_jwt_extended import set_access_cookies, set_refresh_cookies
 from marshmallow import ValidationError
 
@@ -21,6 +22,9 @@ bp = Blueprint("console", __name__, url_prefix="/console", template_folder="temp
 RANGES = {"1h": (timedelta(hours=1), "minute"), "24h": (timedelta(hours=24), "hour"),
           "7d": (timedelta(days=7), "hour"), "30d": (timedelta(days=30), "day")}
 LEVELS = rollups.LEVELS
+# A new key rides from the POST that made it to the page that shows it (POST-redirect-GET: a reload repeats
+# nothing) in Flask's session cookie, which is signed and HttpOnly, and emptied by that page's first view.
+NEW_KEY = "console.new_key"
 
 
 @bp.get("/vendor/<path:filename>")
@@ -194,7 +198,25 @@ def app_create():
         record, key = apps.add_app(apps.account(g.user_id), _name(request.form))
     except ApiError as error:
         return render_template("console/apps.html", apps=apps.list_apps(g.user_id), errors=_field_errors(error)), 422
-    return render_template("console/key.html", app=record, key=key, created=True)
+    return _show_key(record, key, created=True)
+
+
+def _show_key(record, key: str, created: bool):
+    session[NEW_KEY] = {"app_id": record.id, "key": key, "created": created}
+    return redirect(url_for("console.app_key", app_id=record.id))
+
+
+@bp.get("/apps/<app_id>/key")
+@signed_in
+def app_key(app_id):
+    """The key just made for the app, shown this once (never cached); after that, how to get a new one."""
+    record = apps.owned_app(g.user_id, app_id)
+    new = session.pop(NEW_KEY, None)
+    new = new if new and new["app_id"] == record.id else {}
+    response = make_response(render_template("console/key.html", app=record, key=new.get("key"),
+                                             created=new.get("created")))
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 @bp.get("/apps/<app_id>")
@@ -245,7 +267,7 @@ def app_rename(app_id):
 def app_rotate(app_id):
     """A new key, shown this once; the old one stops at once."""
     record = apps.owned_app(g.user_id, app_id)
-    return render_template("console/key.html", app=record, key=apps.rotate_key(record), created=False)
+    return _show_key(record, apps.rotate_key(record), created=False)
 
 
 @bp.post("/apps/<app_id>/delete")
