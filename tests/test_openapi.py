@@ -105,6 +105,29 @@ def test_generated_requests_get_no_5xx_and_answers_that_match_the_document(app, 
                 headers = {"Authorization": f"Bearer {create_refresh_token(identity=user_id)}"}
         return headers
 
+    def owned(case):
+        """A user of their own with an app, its key and a rule, put in the case where it names them.
+
+        Without it every app, rule and event operation would only ever answer 401 or 404, and
+        their success bodies would never be checked against the document.
+        """
+        from app.extensions import db
+        from app.manage import app_rules, apps
+
+        user_id, headers = make_user()
+        with app.app_context():
+            owner = db.session.get(apps.User, user_id)
+            owned_app, key = apps.add_app(owner, "fuzzed")
+            rule = app_rules.create_rule(owned_app, {"name": "r", "event_name": None, "action": "warn", "enabled": True,
+                                                     "schema": {"type": "object"}})
+            app_id, rule_id = owned_app.id, rule.id
+        parameters = case.path_parameters or {}
+        if "app_id" in parameters:
+            parameters["app_id"] = app_id
+        if "rule_id" in parameters:
+            parameters["rule_id"] = rule_id
+        return {**headers, "X-API-Key": key}
+
     saved = {key: app.config[key] for key in ("AUTH_RATE_LIMIT_PER_IP", "AUTH_RATE_LIMIT_PER_ACCOUNT")}
     app.config.update({key: "100000/minute" for key in saved})  # reach the routes' own checks
     try:
@@ -118,8 +141,11 @@ def test_generated_requests_get_no_5xx_and_answers_that_match_the_document(app, 
                 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                           suppress_health_check=list(HealthCheck), phases=[Phase.generate])
                 def run(case):
-                    headers = token_for(case.path) if case.path in TOKEN_ROUTES and mode == GenerationMode.POSITIVE \
-                        else None
+                    headers = None
+                    if mode == GenerationMode.POSITIVE and case.path in TOKEN_ROUTES:
+                        headers = token_for(case.path)
+                    elif mode == GenerationMode.POSITIVE and "{app_id}" in case.path:
+                        headers = owned(case)
                     response = case.call_and_validate(headers=headers, checks=CHECKS)
                     answered[operation.label].add(response.status_code // 100)
 
@@ -134,3 +160,6 @@ def test_generated_requests_get_no_5xx_and_answers_that_match_the_document(app, 
     assert set(answered) == {operation.label for operation in operations}
     succeeded = sorted(label for label, classes in answered.items() if 2 in classes)
     assert len(succeeded) >= 8, succeeded
+    for label in ("GET /api/apps/{app_id}", "GET /api/apps/{app_id}/rules", "GET /api/apps/{app_id}/events",
+                  "GET /api/apps/{app_id}/stats", "GET /api/apps/{app_id}/rules/{rule_id}"):
+        assert 2 in answered[label], (label, answered[label])
