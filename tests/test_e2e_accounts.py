@@ -21,10 +21,10 @@ def mailed_code(inbox, subject_word, count):
     return code
 
 
-def test_register_verify_login_refresh_logout_reset_over_real_processes(stack, smtp_server):  # noqa: F811
+def test_register_verify_login_use_an_app_logout_reset_over_real_processes(stack, smtp_server):  # noqa: F811
     controller, inbox = smtp_server
     web = stack.web(workers=1, threads=4)
-    worker = stack.worker(queues="emails", MAIL_SERVER="127.0.0.1", MAIL_PORT=str(controller.port),
+    worker = stack.worker(queues="emails,default", MAIL_SERVER="127.0.0.1", MAIL_PORT=str(controller.port),
                           MAIL_USE_TLS="false")
     bearer = lambda token: {"Authorization": f"Bearer {token}"}  # noqa: E731
 
@@ -40,6 +40,26 @@ def test_register_verify_login_refresh_logout_reset_over_real_processes(stack, s
     assert me.status_code == 200 and me.json()["email"] == EMAIL and me.json()["email_verified"] is True
     refreshed = stack.post("/api/auth/refresh", headers=bearer(login["refresh_token"])).json()
     assert stack.get("/api/auth/me", headers=bearer(refreshed["access_token"])).status_code == 200
+
+    # The account at work: an app, an event through its key, listed and read back, the key rotated.
+    auth = bearer(refreshed["access_token"])
+    created = stack.post("/api/apps", {"name": "shop"}, auth)
+    assert created.status_code == 201, created.text
+    app_id, key = created.json()["id"], created.json()["api_key"]
+    sent = stack.post(f"/api/logs/{app_id}", {"event_name": "signup", "event_id": "j-1", "plan": "pro"},
+                      {"X-API-Key": key})
+    assert sent.status_code == 202
+    listed = wait_until(lambda: stack.get(f"/api/apps/{app_id}/events", headers=auth).json()["events"], timeout=30,
+                        message="the event listed")
+    assert [event["event_id"] for event in listed] == ["j-1"]
+    stored = stack.get(f"/api/apps/{app_id}/events/j-1", headers=auth).json()
+    assert stored["payload"] == {"event_name": "signup", "event_id": "j-1", "plan": "pro"}
+    rotated = stack.post(f"/api/apps/{app_id}/api-key", headers=auth)
+    assert rotated.status_code == 201 and rotated.json()["api_key"] != key
+    old_key = stack.post(f"/api/logs/{app_id}", {"event_name": "late"}, {"X-API-Key": key})
+    assert old_key.status_code == 401 and old_key.json()["error"]["code"] == "invalid_api_key"
+    assert stack.post(f"/api/logs/{app_id}", {"event_name": "late"},
+                      {"X-API-Key": rotated.json()["api_key"]}).status_code == 202
 
     assert stack.post("/api/auth/logout", headers=bearer(refreshed["access_token"])).status_code == 204
     refused = stack.get("/api/auth/me", headers=bearer(refreshed["access_token"]))
