@@ -5,9 +5,9 @@ the same transaction, one delta row per (app, minute, event name, level) countin
 the rows that insert really added (a key already in event_keys adds none). A delta thus
 exists if and only if its events are committed. The fold below takes deltas with
 DELETE … RETURNING and adds them to the rollups in the same transaction, so each delta is
-counted once: a second run at the same time waits on the lock and finds the rows gone, a
-crash rolls both back. There is no watermark to miss a late commit, and a late event is
-just a delta for an old minute.
+counted once: a second run at the same time waits on the lock (or, with wait=False, leaves
+the fold to the run that holds it) and finds the rows gone, a crash rolls both back. There
+is no watermark to miss a late commit, and a late event is just a delta for an old minute.
 """
 from datetime import datetime, timedelta, timezone
 
@@ -72,22 +72,30 @@ WITH taken AS (
 SELECT coalesce(sum(count), 0), count(*) FROM taken"""
 
 
-def refresh() -> dict:
-    """Fold every delta there is into the rollups; return {"events_rolled_up": N}."""
+def refresh(*, wait: bool = True) -> dict:
+    """Fold every delta there is into the rollups; return {"events_rolled_up": N}.
+
+    wait=False: return at once if another run holds the fold lock (the workers' timers,
+    app/rollup_timer.py): that run folds until it finds the table empty, and a delta it
+    started too early to see is the next run's.
+    """
     total = 0
     while True:
-        events, deltas = with_reconnect(_fold_chunk)
+        events, deltas = with_reconnect(lambda: _fold_chunk(wait))
         total += events
         # A short chunk means the table was empty (or the rest is another run's): done, even
-        # while workers keep appending.
-        if deltas < FOLD_CHUNK:
+        # while workers keep appending. None: another run holds the lock.
+        if deltas is None or deltas < FOLD_CHUNK:
             return {"events_rolled_up": total}
 
 
-def _fold_chunk() -> tuple[int, int]:
+def _fold_chunk(wait: bool = True) -> tuple[int, int | None]:
     with db.engine.begin() as connection:
         if connection.dialect.name == "postgresql":
-            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (FOLD_LOCK,))
+            if wait:
+                connection.exec_driver_sql("SELECT pg_advisory_xact_lock(%s)", (FOLD_LOCK,))
+            elif not connection.exec_driver_sql("SELECT pg_try_advisory_xact_lock(%s)", (FOLD_LOCK,)).scalar():
+                return 0, None
             events, deltas = connection.exec_driver_sql(FOLD, {"limit": FOLD_CHUNK}).one()
             return int(events), deltas
         return _fold_chunk_sqlite(connection)
