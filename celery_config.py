@@ -17,8 +17,9 @@ task_routes = {
     "intake.replay_failed_events": {"queue": "batch_processing"},
     "intake.delete_app_data": {"queue": "batch_processing"},
     "intake.resume_app_deletions": {"queue": "batch_processing"},
-    # Not batch_processing: see the beat entry below.
-    "intake.refresh_rollups": {"queue": "emails"},
+    # Not on beat: batch_processing's workers fold on their own (app/rollup_timer.py); the
+    # task is there for an operator who wants a fold now.
+    "intake.refresh_rollups": {"queue": "batch_processing"},
     "intake.ensure_partitions": {"queue": "batch_processing"},
     "intake.purge_expired": {"queue": "batch_processing"},
 }
@@ -64,8 +65,9 @@ task_publish_retry_policy = {
 worker_send_task_events = False
 worker_hijack_root_logger = False
 
-# Redelivery of pending groups runs in every worker (app/redelivery.py), not here: recovery
-# must not depend on beat. Beat only runs schedules.
+# Redelivery of pending groups runs in every worker (app/redelivery.py), and the rollup fold
+# every 30 s in every worker of batch_processing (app/rollup_timer.py), not here: neither may
+# depend on beat, nor wait behind a queue's backlog. Beat only runs schedules.
 beat_schedule = {
     # The three entries on batch_processing may expire while a batch backlog lasts, and that is
     # harmless: the deletions the resume would queue wait behind that backlog anyway (and each
@@ -76,18 +78,6 @@ beat_schedule = {
         "task": "intake.resume_app_deletions",
         "schedule": 60.0,
         "options": {"expires": 55},
-    },
-    # Rollups current within a minute of a store (the contract allows 2); runs take turns on
-    # an advisory lock and each delta is folded once, so overlapping runs are harmless.
-    # On `emails`, the one queue no event traffic fills (account mail only, rate limited): on
-    # batch_processing a backlog longer than `expires` (a large import) expired every refresh
-    # and stopped the rollups for as long as it lasted. A fold is 30 s of deltas, well under a
-    # second of one of that worker's processes. The expiry stays below the period: a refresh
-    # that cannot start in time gives way to the next one instead of piling up behind it.
-    "refresh-rollups": {
-        "task": "intake.refresh_rollups",
-        "schedule": 30.0,
-        "options": {"expires": 25},
     },
     # Idempotent (CREATE … IF NOT EXISTS), WEEKS_AHEAD weeks of margin.
     "ensure-partitions": {

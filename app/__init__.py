@@ -1,7 +1,7 @@
 """Intake: an event and log ingestion service."""
 from flask import Flask
 
-from app import redelivery
+from app import redelivery, rollup_timer
 from app.config import PROJECT_ROOT, Config
 from app.extensions import api, celery_init_app, db, jwt, migrate
 from app.pending import pending_store_from_config
@@ -56,4 +56,5 @@ def create_app(config: dict | None = None) -> Flask:
     metrics.init_app(app)
     limits.init_app(app)
     redelivery.init_app(app, celery)
+    rollup_timer.init_app(app, celery)
     return app
