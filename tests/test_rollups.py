@@ -1,13 +1,15 @@
 """Rollups exactly once and the stats over them, in-process on real PostgreSQL and Redis."""
 import json
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 
+import psycopg2
 import pytest
 
-from app import events, rollups
+from app import events, retention, rollup_timer, rollups
 from app.errors import ApiError
-from tests.conftest import sql, wait_until
+from tests.conftest import DATABASE_URL, sql, wait_until
 from tests.test_persistence import make_event
 
 UTC = timezone.utc
@@ -96,31 +98,56 @@ def test_two_refreshes_at_once_fold_every_delta_once(ctx, app_id, monkeypatch):
     assert_rollups_match_events(app_id)
 
 
-def test_rollups_are_folded_within_the_bound_while_batch_processing_has_a_backlog(app, app_id, redis, stack):
-    import celery_config
-    from app.publisher import TASK_FOR_QUEUE
-
-    entry = celery_config.beat_schedule["refresh-rollups"]
-    celery = app.extensions["celery"]
-    queue = celery.amqp.router.route({}, entry["task"])["queue"].name
-    assert queue not in TASK_FOR_QUEUE, "no event traffic can back up the refresh's queue"
-    # Stored just after a refresh was sent: the next one is sent within a period and must start
-    # before it expires (else it is dropped), and the promise is 2 minutes.
-    assert entry["schedule"] + entry["options"]["expires"] < 120
-    backlog = 2_000
-    with redis.pipeline() as pipe:  # messages no worker of this test consumes: a batch backlog
-        for n in range(backlog):
-            pipe.rpush("batch_processing", json.dumps({"backlog": n}))
-        pipe.execute()
-    with app.app_context():
-        events.store_events([ev(app_id, f"b{i}", minutes_ago=1, user=f"u{i % 2}") for i in range(5)])
-    stack.worker(queues=queue, concurrency=1)  # that queue's worker, as the Procfile runs it
-
-    celery.send_task(entry["task"], **entry["options"])  # what beat sends, routed as beat's is
-    wait_until(lambda: sql("SELECT count(*) FROM rollup_deltas") == [(0,)], timeout=entry["options"]["expires"],
-               message="the deltas folded before the refresh would expire")
+def test_a_refresh_that_finds_the_fold_lock_taken_skips_at_once_and_folds_once_it_is_free(ctx, app_id):
+    events.store_events([ev(app_id, f"l{i}", minutes_ago=1) for i in range(3)])
+    holder = psycopg2.connect(DATABASE_URL)  # another run, in the middle of a chunk
+    try:
+        holder.cursor().execute("SELECT pg_advisory_lock(%s)", (rollups.FOLD_LOCK,))
+        started = time.monotonic()
+        assert rollups.refresh(wait=False) == {"events_rolled_up": 0}
+        assert time.monotonic() - started < 1, "a worker's timer is not held up by another's fold"
+        assert sql("SELECT sum(count) FROM rollup_deltas") == [(3,)]
+        holder.cursor().execute("SELECT pg_advisory_unlock(%s)", (rollups.FOLD_LOCK,))
+    finally:
+        holder.close()
+    assert rollups.refresh(wait=False) == {"events_rolled_up": 3}
     assert_rollups_match_events(app_id)
-    assert redis.llen("batch_processing") == backlog, "folded ahead of the whole backlog"
+
+
+def test_a_batch_processing_worker_folds_the_rollups_on_its_own_behind_a_backlog_without_beat(app, app_id, redis, stack):
+    import celery_config
+
+    assert "intake.refresh_rollups" not in {entry["task"] for entry in celery_config.beat_schedule.values()}
+    assert celery_config.task_routes["intake.refresh_rollups"] == {"queue": "batch_processing"}
+    celery = app.extensions["celery"]
+    backlog = 2_000
+    # The worker's one pool process waits on a purge whose lock this test holds; behind it,
+    # a batch backlog that nothing drains while the test runs: no task of this queue could fold.
+    holder = psycopg2.connect(DATABASE_URL)
+    try:
+        holder.cursor().execute("SELECT pg_advisory_lock(%s)", (retention.PURGE_LOCK,))
+        with celery.producer_or_acquire() as producer:
+            celery.send_task("intake.purge_expired", producer=producer)
+            for n in range(backlog):
+                celery.send_task("intake.persist_batch", args=[f"backlog-{n}"], producer=producer)
+        worker = stack.worker(queues="batch_processing", concurrency=1)  # as the Procfile's `batch` runs it
+        assert f"rollup fold every {rollup_timer.REFRESH_INTERVAL:g} s" in worker.output()
+        wait_until(lambda: sql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = %s AND NOT granted",
+                               retention.PURGE_LOCK) == [(1,)], timeout=10, message="the pool busy with the purge")
+        with app.app_context():
+            events.store_events([ev(app_id, f"b{i}", minutes_ago=1, user=f"u{i % 2}") for i in range(5)])
+        wait_until(lambda: sql("SELECT count(*) FROM rollup_deltas") == [(0,)], timeout=rollup_timer.REFRESH_INTERVAL + 5,
+                   message="the worker's fold within a period")
+        assert_rollups_match_events(app_id)
+        assert "rollup fold: 5 event(s) rolled up" in worker.output()
+        assert redis.llen("batch_processing") >= backlog - 4, "folded ahead of the backlog (the worker prefetches 4)"
+    finally:
+        holder.close()
+
+
+def test_a_worker_that_does_not_consume_batch_processing_runs_no_fold(stack):
+    worker = stack.worker(queues="default,emails", concurrency=1)
+    assert "rollup fold every" not in worker.output()
 
 
 def test_app_stats_answers_the_contract_shape(ctx, app_id, make_app):
