@@ -217,3 +217,24 @@ def test_a_new_key_is_shown_once_and_a_reload_neither_creates_nor_rotates_again(
     app_id = sql("SELECT id FROM apps")[0][0]
     shown_once(client, created, app_id)
     shown_once(client, client.post(f"/console/apps/{app_id}/rotate-key", data={"csrf_token": csrf}), app_id)
+
+
+def contrast(one: str, other: str) -> float:
+    """WCAG 2 contrast ratio of two colours (#rgb or #rrggbb)."""
+    def luminance(colour):
+        if len(colour) == 4:
+            colour = "#" + "".join(c * 2 for c in colour[1:])
+        channels = [int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+        r, g, b = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+    lighter, darker = sorted((luminance(one), luminance(other)), reverse=True)
+    return (lighter + 0.05) / (darker + 0.05)
+
+
+def test_the_focus_ring_shows_on_the_dark_header_and_the_white_page():
+    css = (STATIC / "console" / "static" / "console.css").read_text()
+    ring = re.search(r":focus-visible\{outline:\S+ solid (#[0-9a-f]{3,6})\b", css).group(1)
+    header = re.search(r"\.top\{[^}]*background:(#[0-9a-f]{3,6})\b", css).group(1)
+    page = re.search(r"body\{[^}]*background:(#[0-9a-f]{3,6})\b", css).group(1)
+    # WCAG 2.2 (1.4.11, non-text contrast): at least 3:1 against what the ring is drawn on.
+    assert contrast(ring, header) >= 3 and contrast(ring, page) >= 3, (ring, contrast(ring, header), contrast(ring, page))
