@@ -121,6 +121,10 @@ def test_the_console_journey_in_a_browser(stack, smtp_server, page, app, screens
     expect(page.locator("#tail [data-event-id=ev-1]")).to_be_visible(timeout=2000)
     expect(page.locator("#tail [data-event-id=ev-2]")).to_be_visible(timeout=max(100, 2000 - int((time.monotonic() - sent) * 1000)))
     page.screenshot(path=str(screenshots / "console-live-tail.png"))
+    # Keyboard focus survives the polls (htmx puts it back only on an element with the same id).
+    page.locator("#tail [data-event-id=ev-1]").focus()
+    page.wait_for_timeout(2500)
+    assert page.evaluate("document.activeElement.dataset.eventId") == "ev-1"
     # Filters, then one event's stored payload, fields and validation.
     page.get_by_label("Level").select_option("error")
     page.get_by_role("button", name="Filter").click()
