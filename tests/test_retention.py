@@ -179,8 +179,7 @@ def test_the_lifecycle_jobs_are_on_beat_and_call_the_cli_functions(ctx):
     from app import tasks
 
     schedule = {entry["task"]: entry for entry in celery_config.beat_schedule.values()}
-    for name in ("intake.refresh_rollups", "intake.ensure_partitions", "intake.purge_expired",
-                 "intake.resume_app_deletions"):
+    for name in ("intake.ensure_partitions", "intake.purge_expired", "intake.resume_app_deletions"):
         assert name in schedule
         # No pile-up: a message not started within one period gives way to the next one.
         period = 24 * 3600.0 if name == "intake.purge_expired" else schedule[name]["schedule"]  # a daily crontab
