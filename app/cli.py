@@ -118,7 +118,7 @@ def disable_rule_command(rule_id):
 
 @rollups_cli.command("refresh")
 def refresh_rollups():
-    """Bring the rollups current now (the beat task's job)."""
+    """Bring the rollups current now (what the batch_processing workers do every 30 s)."""
     click.echo(json.dumps(rollups.refresh()))
 
 
