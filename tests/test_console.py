@@ -176,6 +176,17 @@ def test_sign_out_without_the_csrf_token_changes_nothing(app, client, signed_in)
     assert client.get("/console/apps").status_code == 200
 
 
+def test_a_csrf_value_that_is_not_ascii_is_refused_not_a_500(app, client, signed_in):
+    from app.manage import apps
+
+    with app.app_context():
+        app_id = apps.add_app(apps.account(signed_in), "shop")[0].id
+    for path in (f"/console/apps/{app_id}/rename", "/console/apps", "/console/sign-in"):
+        answer = client.post(path, data={"name": "x", "csrf_token": "é"})
+        assert answer.status_code == 400 and b"CSRF" in answer.data, path
+    assert client.get(f"/console/apps/{app_id}").status_code == 200 and b"shop" in client.get("/console/apps").data
+
+
 def test_sign_out_clears_the_cookies_even_when_revocation_fails(app, client, signed_in, monkeypatch):
     import redis
 
