@@ -1,16 +1,14 @@
 """Redelivery: every worker publishes again the pending groups whose message is lost or whose retry is due.
 
-The sweep runs in a thread of each worker's main process (a Celery bootstep), on every
+The sweep runs in a thread of each worker's main process (app/worker_threads.py), on every
 queue's worker, with or without beat: recovery must not wait for a process that may not
 be running. The pending store's atomic claim makes the workers' sweeps safe side by side;
 what is lost and when is decided there (app/pending.py). The broker is asked one thing,
 through kombu so that any broker answers: is the queue empty.
 """
 import logging
-import threading
 
-from celery import bootsteps
-
+from app import worker_threads
 from app.publisher import TASK_FOR_QUEUE
 
 log = logging.getLogger(__name__)
@@ -50,49 +48,13 @@ def sweep_app(app) -> int:
         return sweep(app.extensions["celery"], app.extensions["intake.pending"], publisher.send)
 
 
-class Sweeper(threading.Thread):
-    """Sweeps every SWEEP_INTERVAL seconds until stopped; an error is logged and the next sweep tries again."""
-
-    # A thread, not the worker's event loop (its timer): a sweep waits on Redis and the broker,
-    # which must not hold up the consuming of messages. Pool children forked later while it runs
-    # do not use what it holds: redis-py resets its pools on a new pid, logging re-inits its locks.
-
-    def __init__(self, app, interval: float = SWEEP_INTERVAL):
-        super().__init__(name="intake-redelivery", daemon=True)
-        self.app = app
-        self.interval = interval
-        self.stopping = threading.Event()
-
-    def run(self):
-        while not self.stopping.wait(self.interval):
-            try:
-                count = sweep_app(self.app)
-            except Exception as error:
-                log.warning("redelivery sweep failed: %s", error)
-                continue
-            if count:
-                log.info("redelivery sweep published %d pending group(s) again", count)
-
-    def stop(self):
-        self.stopping.set()
+def sweep_and_log(app) -> None:
+    """One sweep, and a log line when it published anything."""
+    count = sweep_app(app)
+    if count:
+        log.info("redelivery sweep published %d pending group(s) again", count)
 
 
 def init_app(app, celery) -> None:
-    """Run a Sweeper in every worker of this Celery app (started with the worker, stopped with it)."""
-
-    class RedeliverySweep(bootsteps.StartStopStep):
-        requires = {"celery.worker.components:Pool"}
-
-        def __init__(self, worker, **kwargs):
-            super().__init__(worker, **kwargs)
-            self.sweeper = None
-
-        def start(self, worker):
-            self.sweeper = Sweeper(app)
-            self.sweeper.start()
-
-        def stop(self, worker):
-            if self.sweeper is not None:
-                self.sweeper.stop()
-
-    celery.steps["worker"].add(RedeliverySweep)
+    """Sweep every SWEEP_INTERVAL seconds in every worker of this Celery app (started and stopped with it)."""
+    worker_threads.add(celery, "redelivery sweep", SWEEP_INTERVAL, lambda: sweep_and_log(app))

@@ -1,17 +1,16 @@
 """Rollup timer: every worker that consumes batch_processing folds the rollups every 30 s.
 
-The fold runs in a thread of each such worker's main process (a Celery bootstep), as the
-redelivery sweep does (app/redelivery.py), on the queue whose workers build rollups (API.md
-"Queues"); a worker of `default` or `emails` alone runs none. The timers of several workers
-do not wait for each other: one takes the fold's lock and folds, the others find it taken
-and skip that turn (app/rollups.py, refresh(wait=False)).
+The fold runs in a thread of each such worker's main process (app/worker_threads.py), as the
+redelivery sweep does, on the queue whose workers build rollups (API.md "Queues"); a worker
+of `default` or `emails` alone runs none. Not a beat task: one on batch_processing waited
+behind the batch backlog (beat's refresh expired there after 25 s and the rollups stopped
+for as long as a large import lasted), and beat may not be running at all. The timers of
+several workers do not wait for each other: one takes the fold's lock and folds, the others
+find it taken and skip that turn (app/rollups.py, refresh(wait=False)).
 """
 import logging
-import threading
 
-from celery import bootsteps
-
-from app import rollups
+from app import rollups, worker_threads
 
 log = logging.getLogger(__name__)
 
@@ -30,53 +29,13 @@ def refresh_app(app) -> dict:
         return rollups.refresh(wait=False)
 
 
-class Folder(threading.Thread):
-    """Folds the rollups every `interval` seconds until stopped; an error is logged and the next fold tries again."""
-
-    # Why a thread in the worker and not a beat task: a task on batch_processing waits behind
-    # the batch backlog (beat's refresh expired there after 25 s and the rollups stopped for
-    # as long as a large import lasted), and beat may not be running at all. A thread, not
-    # the worker's event loop: a fold waits on PostgreSQL, which must not hold up consuming.
-
-    def __init__(self, app, interval: float = REFRESH_INTERVAL):
-        super().__init__(name="intake-rollups", daemon=True)
-        self.app = app
-        self.interval = interval
-        self.stopping = threading.Event()
-
-    def run(self):
-        while not self.stopping.wait(self.interval):
-            try:
-                result = refresh_app(self.app)
-            except Exception as error:
-                log.warning("rollup fold failed: %s", error)
-                continue
-            if result["events_rolled_up"]:
-                log.info("rollup fold: %d event(s) rolled up", result["events_rolled_up"])
-
-    def stop(self):
-        self.stopping.set()
+def fold_and_log(app) -> None:
+    """One fold, and a log line when it rolled anything up."""
+    result = refresh_app(app)
+    if result["events_rolled_up"]:
+        log.info("rollup fold: %d event(s) rolled up", result["events_rolled_up"])
 
 
 def init_app(app, celery) -> None:
-    """Run a Folder in every worker of this Celery app that consumes batch_processing."""
-
-    class RollupTimer(bootsteps.StartStopStep):
-        requires = {"celery.worker.components:Pool"}
-
-        def __init__(self, worker, **kwargs):
-            super().__init__(worker, **kwargs)
-            self.folder = None
-
-        def start(self, worker):
-            if not consumes(worker):
-                return
-            self.folder = Folder(app)
-            self.folder.start()
-            log.info("rollup fold every %g s in this worker (it consumes %s)", self.folder.interval, QUEUE)
-
-        def stop(self, worker):
-            if self.folder is not None:
-                self.folder.stop()
-
-    celery.steps["worker"].add(RollupTimer)
+    """Fold every REFRESH_INTERVAL seconds in every worker of this Celery app that consumes batch_processing."""
+    worker_threads.add(celery, "rollup fold", REFRESH_INTERVAL, lambda: fold_and_log(app), wanted=consumes)

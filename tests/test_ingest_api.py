@@ -479,8 +479,16 @@ def other_apps(app):
     """Build extra Flask apps; afterwards the suite's own Celery app is the default again."""
     from app import create_app
 
-    yield create_app
+    made = []
+
+    def make(config):
+        made.append(create_app(config))
+        return made[-1]
+
+    yield make
     app.extensions["celery"].set_default()
+    for other in made:  # their Redis is gone: the listeners would retry for ever
+        other.extensions["intake.invalidation"].stop()
 
 
 def assert_503_fast(client, app_id, key, batch=False):

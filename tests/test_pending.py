@@ -138,15 +138,21 @@ def folder_store(tmp_path):
     return FolderPendingStore(str(tmp_path / "pending"), LEASE)
 
 
-def test_a_record_is_fsynced_with_its_folder(folder_store, monkeypatch):
-    synced = []
+@pytest.fixture
+def synced(monkeypatch):
+    """The names of the files and folders fsynced from now on, in order."""
+    names = []
     real_fsync = os.fsync
 
     def fsync(fd):
-        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        names.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
+    return names
+
+
+def test_a_record_is_fsynced_with_its_folder(folder_store, synced):
     folder_store.put("default", "g", [{"event_id": "e"}])
     assert len(synced) == 2 and synced[0].endswith(".tmp") and synced[1] == "default"
 
@@ -206,17 +212,10 @@ def test_a_record_that_parses_but_is_unusable_is_moved_aside_too(folder_store, c
     assert folder_store.stats(["default"])["default"][0] == 1
 
 
-def test_a_stored_group_is_fsynced_away_after_its_tombstone(folder_store, monkeypatch):
+def test_a_stored_group_is_fsynced_away_after_its_tombstone(folder_store, synced):
     folder_store.put("default", "g", [{"event_id": "e"}])
     folder_store.split("default", "g", [[{"event_id": "e"}]], attempts=0, deliveries=1)
-    synced = []
-    real_fsync = os.fsync
-
-    def fsync(fd):
-        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    synced.clear()
     folder_store.done("default", "g.0")
     # The tombstone's name is durable before the record's removal, and the removal itself.
     assert synced == ["stored", "default"]
