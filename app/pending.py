@@ -515,8 +515,8 @@ def _sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_record(record) -> None:
@@ -525,12 +525,12 @@ def _check_record(record) -> None:
         raise ValueError(f"not a JSON object but {type(record).__name__}")
     if not isinstance(record.get("events"), list):
         raise ValueError("events is not a list")
-    if not isinstance(record.get("attempts"), int) or isinstance(record["attempts"], bool):
-        raise ValueError("attempts is not an integer")
-    if not isinstance(record.get("deliveries", 0), int) or isinstance(record.get("deliveries"), bool):
-        raise ValueError("deliveries is not an integer")
+    for field, value in (("attempts", record.get("attempts")), ("deliveries", record.get("deliveries", 0))):
+        if not _is_int(value):
+            raise ValueError(f"{field} is not an integer")
     for field in ("flight", "due"):
-        if record.get(field) is not None and not _is_number(record[field]):
+        value = record.get(field)
+        if value is not None and not ((_is_int(value) or isinstance(value, float)) and math.isfinite(value)):
             raise ValueError(f"{field} is not a time")
 
 

@@ -3,13 +3,17 @@
 No test here runs beat: recovery lives in the workers (app/redelivery.py).
 """
 import json
+import os
 import re
+import signal
 import sys
 import threading
 import time
 import uuid
 
-from tests.conftest import Process, free_port, sql, wait_until
+import psycopg2
+
+from tests.conftest import DATABASE_URL, DB_NAME, Process, free_port, sql, wait_until
 
 # The contract: every accepted event stored within 30 s of the last worker restart (60 s at
 # most). INGEST_REDELIVER_AFTER is 8 s in the tests; the workers sweep every 2 s.
@@ -237,20 +241,13 @@ def _pool_children(worker) -> list[int]:
 
 def test_a_group_whose_write_kills_its_process_is_split_and_the_killer_kept_as_failed(stack, app, make_app, redis):
     """Real deaths: the pool process dies (SIGKILL, as the OOM killer or the hard time limit do) mid-write."""
-    import os
-    import signal
-
-    import psycopg2
-
-    from tests.conftest import DATABASE_URL
     from tests.test_persistence import make_event
 
     app_id, _ = make_app()
     # A backend whose client died notices it only when it next talks to it, not while it waits
     # for a lock: have the server check, so that a killed write lets go of its keys at once (as a
     # write that was not waiting does when it finishes).
-    sql("ALTER DATABASE current_database() SET client_connection_check_interval = '100ms'".replace(
-        "current_database()", f'"{DATABASE_URL.rsplit("/", 1)[1]}"'))
+    sql(f'ALTER DATABASE "{DB_NAME}" SET client_connection_check_interval = \'100ms\'')
     worker = stack.worker(queues="default", concurrency=1)
     # The killer: its key is being inserted by a transaction the test holds open, so the worker's
     # write of any group holding it waits; the test kills the process every time it waits there.
@@ -278,7 +275,7 @@ def test_a_group_whose_write_kills_its_process_is_split_and_the_killer_kept_as_f
     finally:
         holder.rollback()
         holder.close()
-        sql(f'ALTER DATABASE "{DATABASE_URL.rsplit("/", 1)[1]}" RESET client_connection_check_interval')
+        sql(f'ALTER DATABASE "{DB_NAME}" RESET client_connection_check_interval')
     wait_until(lambda: len(stored_ids(app_id)) == 3, timeout=REDELIVERY_BOUND, message="the other three stored")
     assert sorted(stored_ids(app_id)) == ["k-0", "k-2", "k-3"]
     [(error, attempts)] = sql("SELECT error, attempts FROM failed_events WHERE app_id = %s", app_id)

@@ -477,18 +477,10 @@ def test_batch_errors_before_parsing_leave_nothing(client, app_key, redis):
 @pytest.fixture
 def other_apps(app):
     """Build extra Flask apps; afterwards the suite's own Celery app is the default again."""
-    from app import create_app
+    from tests.private_redis import isolated_app
 
-    made = []
-
-    def make(config):
-        made.append(create_app(config))
-        return made[-1]
-
-    yield make
+    yield isolated_app
     app.extensions["celery"].set_default()
-    for other in made:  # their Redis is gone: the listeners would retry for ever
-        other.extensions["intake.invalidation"].stop()
 
 
 def assert_503_fast(client, app_id, key, batch=False):

@@ -72,6 +72,10 @@ def end_session() -> None:
 
 
 def _verify(refresh=False) -> bool:
+    # flask-jwt-extended compares the posted CSRF value with hmac.compare_digest, which raises
+    # TypeError (a 500) for a str that is not ASCII; no value we hand out is.
+    if not request.form.get(current_app.config["JWT_ACCESS_CSRF_FIELD_NAME"], "").isascii():
+        raise csrf_failed()
     try:
         verify_jwt_in_request(refresh=refresh, locations=["cookies"])
         return True
