@@ -409,6 +409,45 @@ def test_every_reserved_field_problem_is_reported_at_once():
     assert all(d["message"] and d["rule"] == "reserved_fields" for d in details)
 
 
+# --- typed reserved fields (a route that builds its events: OTLP) ------------------------
+
+
+def typed(event_id=None, event_name="a", level="info", user_id=None, timestamp_us=None) -> dict:
+    return checks.typed_reserved_fields(event_id, event_name, level, user_id, timestamp_us, NOW)
+
+
+def test_typed_reserved_fields_are_normalised_as_reserved_fields_does():
+    moment = checks._epoch_us(NOW - timedelta(hours=1))
+    assert typed("otlp-1", " click ", "warning", 9, moment) == {
+        "event_id": "otlp-1", "event_name": "click", "level": "warning", "user_id": "9", "timestamp": moment}
+    result = typed()
+    assert result["timestamp"] == checks._epoch_us(NOW) and result["user_id"] is None
+    assert len(result["event_id"]) == 36 and result["event_id"] != typed()["event_id"]  # a server-made UUID
+
+
+def test_typed_reserved_fields_accept_up_to_ten_minutes_ahead_and_255_characters():
+    ahead = checks._epoch_us(NOW + timedelta(minutes=10))
+    assert typed(event_name="x" * 255, user_id="u" * 255, timestamp_us=ahead)["timestamp"] == ahead
+
+
+def test_typed_reserved_fields_refuse_with_the_words_and_order_of_reserved_fields():
+    ahead = NOW + timedelta(minutes=10, microseconds=1)
+    error = api_error(typed, event_name="x" * 256, user_id="u" * 256, timestamp_us=checks._epoch_us(ahead))
+    assert (error.status, error.code, error.message) == (422, "invalid_event", "Reserved fields are missing or malformed.")
+    assert error.details == invalid(event_name="x" * 256, user_id="u" * 256, timestamp=ahead.isoformat())
+    assert [d["path"] for d in error.details] == ["/event_name", "/timestamp", "/user_id"]
+    assert [d["path"] for d in api_error(typed, event_name="  ").details] == ["/event_name"]
+    assert [d["path"] for d in api_error(typed, user_id=10**256).details] == ["/user_id"]
+
+
+def test_assemble_event_is_what_check_event_returns():
+    payload = {"event_name": "a", "level": "error", "extra": [1]}
+    fields = checks.reserved_fields(payload, NOW)
+    assembled = checks.assemble_event(entry(), dict(fields), payload, NOW)
+    assert assembled == {**checks.check_event(entry(), payload, max_depth=10, received_at=NOW),
+                         "event_id": fields["event_id"]}
+
+
 # --- check_event --------------------------------------------------------------------------
 
 

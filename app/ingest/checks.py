@@ -1,7 +1,9 @@
 """Every check an event passes before it is accepted, in the documented order.
 
 Each check raises ApiError with the status and code of API.md section 4; the last
-one, `check_event`, returns the event as it travels to the workers.
+one, `check_event`, returns the event as it travels to the workers. A route that builds
+its events itself (OTLP) checks their reserved fields with `typed_reserved_fields` and
+ends in the same `assemble_event`.
 """
 import json
 import re
@@ -25,6 +27,7 @@ LEVELS = {
     "fatal": "critical",
 }
 MAX_FUTURE = timedelta(minutes=10)
+MAX_FUTURE_US = MAX_FUTURE // timedelta(microseconds=1)
 # Epoch numbers at least this large are milliseconds (as seconds they would be year 5138+).
 EPOCH_MS_THRESHOLD = 1e11
 LONG_DIGITS = re.compile(rb"\d{19}")
@@ -165,6 +168,18 @@ def _detail(field, message):
     return {"path": f"/{field}", "message": message, "rule": "reserved_fields"}
 
 
+# The problems with reserved fields, the same words whichever route found them.
+EVENT_NAME_PROBLEM = "event_name is required: a string of 1 to 255 characters"
+EVENT_ID_PROBLEM = "event_id must be a string of 1 to 128 characters"
+FUTURE_PROBLEM = "timestamp is more than 10 minutes in the future"
+LEVEL_PROBLEM = "level must be one of debug, info, warning, error, critical"
+USER_ID_PROBLEM = "user_id must be a string (at most 255 characters) or an integer"
+
+
+def _reserved_refusal(problems: list) -> ApiError:
+    return ApiError(422, "invalid_event", "Reserved fields are missing or malformed.", problems)
+
+
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MICROSECOND = timedelta(microseconds=1)
 
@@ -195,7 +210,7 @@ def parse_timestamp(value, now: datetime) -> datetime:
     else:
         raise ValueError("timestamp must be an ISO 8601 string or epoch seconds/milliseconds")
     if moment > now + MAX_FUTURE:
-        raise ValueError("timestamp is more than 10 minutes in the future")
+        raise ValueError(FUTURE_PROBLEM)
     return moment
 
 
@@ -204,7 +219,7 @@ def reserved_fields(event: dict, now: datetime) -> dict:
     problems = []
     name = event.get("event_name", event.get("eventName"))
     if not isinstance(name, str) or not 1 <= len(name.strip()) <= 255:
-        problems.append(_detail("event_name", "event_name is required: a string of 1 to 255 characters"))
+        problems.append(_detail("event_name", EVENT_NAME_PROBLEM))
     else:
         name = name.strip()
 
@@ -212,7 +227,7 @@ def reserved_fields(event: dict, now: datetime) -> dict:
     if event_id is None:
         event_id = str(uuid.uuid4())
     elif not isinstance(event_id, str) or not 1 <= len(event_id) <= 128:
-        problems.append(_detail("event_id", "event_id must be a string of 1 to 128 characters"))
+        problems.append(_detail("event_id", EVENT_ID_PROBLEM))
 
     timestamp = now
     if event.get("timestamp") is not None:
@@ -225,22 +240,52 @@ def reserved_fields(event: dict, now: datetime) -> dict:
     level = "info" if level is None else level  # null counts as absent, like the other fields
     level = LEVELS.get(level.lower()) if isinstance(level, str) else None
     if level is None:
-        problems.append(_detail("level", "level must be one of debug, info, warning, error, critical"))
+        problems.append(_detail("level", LEVEL_PROBLEM))
 
     user_id = event.get("user_id", event.get("userId"))
     if isinstance(user_id, int) and not isinstance(user_id, bool):
         user_id = str(user_id)
     if user_id is not None and (not isinstance(user_id, str) or len(user_id) > 255):
-        problems.append(_detail("user_id", "user_id must be a string (at most 255 characters) or an integer"))
+        problems.append(_detail("user_id", USER_ID_PROBLEM))
 
     if problems:
-        raise ApiError(422, "invalid_event", "Reserved fields are missing or malformed.", problems)
+        raise _reserved_refusal(problems)
     return {
         "event_id": event_id,
         "event_name": name,
         "level": level,
         "user_id": user_id,
         "timestamp": _epoch_us(timestamp),
+    }
+
+
+def typed_reserved_fields(event_id: str | None, event_name: str, level: str, user_id: str | int | None,
+                          timestamp_us: int | None, received_at: datetime) -> dict:
+    """`reserved_fields` for values whose types are already right: only their bounds are checked."""
+    # For a route that builds the event itself (OTLP): its name is a str, its level one of
+    # LEVELS' values, its user id a str or int and its time epoch microseconds, so nothing
+    # is parsed again. The problems are reported as reserved_fields reports them, in its order.
+    problems = []
+    name = event_name.strip()
+    if not 1 <= len(name) <= 255:
+        problems.append(_detail("event_name", EVENT_NAME_PROBLEM))
+    received_us = _epoch_us(received_at)
+    if timestamp_us is None:
+        timestamp_us = received_us
+    elif timestamp_us > received_us + MAX_FUTURE_US:
+        problems.append(_detail("timestamp", FUTURE_PROBLEM))
+    if isinstance(user_id, int):
+        user_id = str(user_id)
+    if user_id is not None and len(user_id) > 255:
+        problems.append(_detail("user_id", USER_ID_PROBLEM))
+    if problems:
+        raise _reserved_refusal(problems)
+    return {
+        "event_id": str(uuid.uuid4()) if event_id is None else event_id,
+        "event_name": name,
+        "level": level,
+        "user_id": user_id,
+        "timestamp": timestamp_us,
     }
 
 
@@ -266,7 +311,11 @@ def check_event(entry: AppEntry, event, *, max_depth: int, received_at: datetime
     if not isinstance(event, dict):
         raise ApiError(400, "not_an_object", "An event must be a JSON object.")
     check_depth(event, max_depth)
-    fields = reserved_fields(event, received_at)
+    return assemble_event(entry, reserved_fields(event, received_at), event, received_at)
+
+
+def assemble_event(entry: AppEntry, fields: dict, event: dict, received_at: datetime) -> dict:
+    """Run the app's rules on an event whose reserved fields are checked; return it as it travels to the workers."""
     fields["validation"] = apply_rules(entry, fields["event_name"], event)
     fields["app_id"] = entry.id
     fields["received_at"] = _epoch_us(received_at)
