@@ -15,6 +15,8 @@ from prometheus_client import REGISTRY
 
 from app.ingest import otlp
 from app.ingest.otlp import RecordMapper, otlp_json_to_request
+from app.ingest.views import _log_record_check
+from app.rules import AppEntry
 from tests.conftest import free_port, sql
 from tests.private_redis import isolated_app
 from tests.test_ingest_api import assert_nothing_left, persist, queued
@@ -123,8 +125,14 @@ def rejected(reason) -> float:
 def mapped(log_record, max_depth=10, **export_kwargs):
     """(event, event_id) of one record, mapped as the route maps it."""
     (item,) = otlp.log_records(export(log_record, **export_kwargs))
-    event, event_id, _ = RecordMapper(max_depth).event(item)
-    return event, event_id
+    event, reserved, _ = RecordMapper(max_depth).event(item)
+    return event, reserved["event_id"]
+
+
+def reserved_of(log_record, **export_kwargs) -> dict:
+    """The reserved fields the mapper gives checks.typed_reserved_fields for one record."""
+    (item,) = otlp.log_records(export(log_record, **export_kwargs))
+    return RecordMapper(10).event(item)[1]
 
 
 @pytest.fixture
@@ -221,6 +229,10 @@ def test_the_payload_and_reserved_fields_follow_the_contract_table():
         "user_id": 42,
     }
     assert event_id.startswith("otlp-") and len(event_id) <= 128
+    # What the checks take: the name and user id as the event has them, the time as epoch µs.
+    assert reserved_of(log_record, resource={"service.name": "shop", "host.cpus": 4}) == {
+        "event_id": event_id, "event_name": "checkout.paid", "level": "info", "user_id": 42,
+        "timestamp_us": 1_700_000_000_123_456}
 
 
 def test_event_name_and_user_id_fall_back_as_documented():
@@ -240,6 +252,9 @@ def test_missing_times_ids_body_and_scope_are_null_and_the_id_is_random():
     # The observed time stands in for the time.
     event, event_id = mapped(record(time_unix_nano=0, observed_time_unix_nano=1_700_000_000_000_000_000))
     assert event["timestamp"] == "2023-11-14T22:13:20.000000+00:00" and event_id
+    assert reserved_of(record(time_unix_nano=0))["timestamp_us"] is None
+    assert reserved_of(record(time_unix_nano=0, observed_time_unix_nano=1_700_000_000_000_000_999))[
+        "timestamp_us"] == 1_700_000_000_000_000
 
 
 def test_the_event_id_is_a_hash_of_the_payload():
@@ -349,6 +364,31 @@ def test_refused_records_give_a_partial_success_naming_the_reasons_and_are_count
     assert rejected("invalid_json") == nan + 2 and rejected("validation_failed") == invalid + 2
     groups = [json.loads(redis.hget("intake:pending:bodies", m[1]))["events"] for m in queued(redis, "batch_processing")]
     assert [[e["payload"]["body"] for e in events] for events in groups] == [["fine", "hello"]] * 2
+
+
+def test_reserved_field_problems_refuse_the_record_with_the_json_routes_details(client, app, app_key, redis):
+    app_id, key = app_key
+    future_ns = time.time_ns() + 11 * 60 * 10**9
+    bad = {"name": record(event_name="n" * 256), "user": record(attributes={"user.id": "u" * 256}),
+           "time": record(time_unix_nano=future_ns), "all": record(event_name="n" * 256, time_unix_nano=future_ns,
+                                                                   attributes={"enduser.id": "u" * 256})}
+    check, details = _log_record_check(AppEntry(app_id, "hash", ()), app.config), {}
+    for name, log_record in bad.items():
+        (item,) = otlp.log_records(export(log_record))
+        with pytest.raises(otlp.ApiError) as refused:
+            check(item)
+        assert (refused.value.status, refused.value.code) == (422, "invalid_event")
+        details[name] = refused.value.details
+    # The same words, in the same order, as the JSON route's for the same fields.
+    response = client.post(f"/api/logs/{app_id}", headers={"X-API-Key": key}, json={
+        "event_name": "n" * 256, "timestamp": future_ns // 10**9, "user_id": "u" * 256})
+    assert response.status_code == 422 and details["all"] == response.get_json()["error"]["details"]
+    assert details["all"] == details["name"] + details["time"] + details["user"]
+    assert [d["path"] for d in details["all"]] == ["/event_name", "/timestamp", "/user_id"]
+    # Within ten minutes is accepted, as on the JSON route; and 255 characters are.
+    fine = export(record(time_unix_nano=time.time_ns() + 9 * 60 * 10**9, event_name="n" * 255,
+                         attributes={"user.id": "u" * 255}))
+    assert not ok_response(post(client, app_id, key, fine)).HasField("partial_success")
 
 
 def test_an_export_with_every_record_refused_is_200_with_all_rejected_and_queues_nothing(client, app_key, redis):

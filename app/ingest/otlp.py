@@ -25,9 +25,6 @@ from app.ingest.checks import LEVELS
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
 ENCODINGS = (PROTOBUF, JSON)
-# An event wraps each attribute value two levels down (event -> attributes -> value) and the
-# body one level down, so the event as a whole may be this much deeper than INGEST_MAX_DEPTH.
-WRAPPER_DEPTH = 2
 # How many refused records the partialSuccess message names.
 REASONS_NAMED = 3
 EVENT_ID_PREFIX = "otlp-"
@@ -138,11 +135,12 @@ class RecordMapper:
         self._converted = {}  # id(Resource or scope) -> its JSON, or the ApiError that refuses its records
         self._second, self._second_text = None, ""
 
-    def event(self, item: tuple) -> tuple[dict, str | None, bytes]:
-        """(the event for the rules, its event_id or None for a random one, the payload's canonical JSON)."""
+    def event(self, item: tuple) -> tuple[dict, dict, bytes]:
+        """(the event for the rules, its reserved fields as checks.typed_reserved_fields takes them, the payload's canonical JSON)."""
         resource, scope, record = item
+        body = record.body  # unset: an empty AnyValue, which _value reads as None
         payload = {
-            "body": self._value(record.body, self.max_depth) if record.HasField("body") else None,
+            "body": body.string_value or self._value(body, self.max_depth),
             "attributes": self._attributes(record.attributes, self.max_depth),
             "resource": self._once(resource, self._resource),
             "scope": self._once(scope, _scope),
@@ -165,14 +163,16 @@ class RecordMapper:
         event_id = EVENT_ID_PREFIX + hashlib.sha256(canonical).hexdigest() if nanos else None
         attributes = payload["attributes"]
         event = payload  # the rules see the payload with the reserved fields added at its top level
-        event["event_name"] = _event_name(record, attributes)
-        event["level"] = _level(record.severity_number, payload["severity_text"])
+        event["event_name"] = name = _event_name(record, attributes)
+        event["level"] = level = _level(record.severity_number, payload["severity_text"])
         if nanos:
             event["timestamp"] = self._iso(nanos)
         user_id = _user_id(attributes)
         if user_id is not None:
             event["user_id"] = user_id
-        return event, event_id, canonical
+        reserved = {"event_id": event_id, "event_name": name, "level": level, "user_id": user_id,
+                    "timestamp_us": nanos // 1000 if nanos else None}  # None: the time received
+        return event, reserved, canonical
 
     def _once(self, message, convert):
         # Every record of a ResourceLogs (ScopeLogs) shares its resource (scope): convert it once.
@@ -194,11 +194,9 @@ class RecordMapper:
         attributes = {}
         for kv in key_values:
             value = kv.value
-            # Most attribute values are strings: no call for them.
-            if value.WhichOneof("value") == "string_value":
-                attributes[kv.key] = value.string_value
-            else:
-                attributes[kv.key] = self._value(value, levels_left)
+            # Most attribute values are strings: reading the field is cheaper than asking
+            # which one is set, and a non-empty string can only be the one set.
+            attributes[kv.key] = value.string_value or self._value(value, levels_left)
         return attributes
 
     def _value(self, value, levels_left: int):

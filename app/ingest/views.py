@@ -147,18 +147,16 @@ def _log_record_check(entry: AppEntry, config):
     """The check of one log record: map it to its event (API.md's table), then check it like a batch event."""
     mapper = otlp.RecordMapper(config["INGEST_MAX_DEPTH"])
     event_limit = config["INGEST_MAX_EVENT_BYTES"]
-    # The mapper has checked the depth of the body and of each attribute value already.
-    max_depth = config["INGEST_MAX_DEPTH"] + otlp.WRAPPER_DEPTH
     received_at = datetime.now(timezone.utc)
 
     def check(record) -> dict:
-        event, event_id, canonical = mapper.event(record)
+        # The mapper has bounded the depth of the body and of each attribute value (no
+        # check_depth), and knows the types of the reserved fields (no parsing them again).
+        event, reserved, canonical = mapper.event(record)
         if len(canonical) > event_limit - 1024:  # the reserved fields add well under 1 KiB
             checks.check_event_size(event, event_limit)
-        checked = checks.check_event(entry, event, max_depth=max_depth, received_at=received_at)
-        if event_id is not None:
-            checked["event_id"] = event_id
-        return checked
+        fields = checks.typed_reserved_fields(**reserved, received_at=received_at)
+        return checks.assemble_event(entry, fields, event, received_at)
 
     return check
 
