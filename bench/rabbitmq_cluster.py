@@ -435,7 +435,8 @@ def latency(answers) -> dict:
 
 def refusal_runs(answers) -> dict:
     """The longest run of consecutive non-202 answers (in answer order): its length in seconds
-    (first to last of them answered) and in answers, and the longest gap between two 202s."""
+    (earliest sending of one of them to the last answer) and in answers; and the longest gap
+    between two 202 answers."""
     ordered = sorted(answers, key=lambda a: a.answered)
     longest = {"seconds": 0.0, "answers": 0, "from_s": None, "to_s": None}
     run = []
