@@ -433,7 +433,8 @@ def test_typed_reserved_fields_accept_up_to_ten_minutes_ahead_and_255_characters
 def test_typed_reserved_fields_refuse_with_the_words_and_order_of_reserved_fields():
     ahead = NOW + timedelta(minutes=10, microseconds=1)
     error = api_error(typed, event_name="x" * 256, user_id="u" * 256, timestamp_us=checks._epoch_us(ahead))
-    assert (error.status, error.code, error.message) == (422, "invalid_event", "Reserved fields are missing or malformed.")
+    assert (error.status, error.code) == (422, "invalid_event")
+    assert error.message == "Reserved fields are missing or malformed."
     assert error.details == invalid(event_name="x" * 256, user_id="u" * 256, timestamp=ahead.isoformat())
     assert [d["path"] for d in error.details] == ["/event_name", "/timestamp", "/user_id"]
     assert [d["path"] for d in api_error(typed, event_name="  ").details] == ["/event_name"]

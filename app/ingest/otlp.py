@@ -136,7 +136,7 @@ class RecordMapper:
         self._second, self._second_text = None, ""
 
     def event(self, item: tuple) -> tuple[dict, dict, bytes]:
-        """(the event for the rules, its reserved fields as checks.typed_reserved_fields takes them, the payload's canonical JSON)."""
+        """(the event for the rules, its reserved fields for typed_reserved_fields, the payload's canonical JSON)."""
         resource, scope, record = item
         body = record.body  # unset: an empty AnyValue, which _value reads as None
         payload = {
