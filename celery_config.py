@@ -1,6 +1,7 @@
 """Celery settings: queues, routes, delivery guarantees and the beat schedule.
 
-The broker URL comes from the Flask config (REDIS_URL / CELERY_BROKER_URL).
+The broker URL comes from the Flask config (REDIS_URL / CELERY_BROKER_URL); on RabbitMQ
+app/extensions.py adds AMQP_SETTINGS (below).
 """
 from celery.schedules import crontab
 from kombu import Exchange, Queue
@@ -61,6 +62,33 @@ task_publish_retry_policy = {
     "interval_step": 0.2,
     "interval_max": 0.2,
 }
+
+# RabbitMQ (CELERY_BROKER_URL amqp://…): what changes there (README "Brokers").
+# - Quorum queues: durable, replicated to a majority of a cluster's nodes before the publish
+#   is confirmed, and a consumer that dies hands its unacknowledged messages back when its
+#   connection closes. Celery sees the queue type and uses per-consumer prefetch (quorum
+#   queues refuse a global one). Nothing here uses countdown or ETA, which quorum queues
+#   would need Celery's delayed-delivery exchanges for: persistence retries are due times
+#   in the pending store (app/pending.py), so that step is left out of the worker.
+# - Publisher confirms: a publish returns only once the broker has the message (for a quorum
+#   queue: a majority has written it), so the 202 comes after the confirm. The publisher waits
+#   for it at most INGEST_PUBLISH_TIMEOUT (app/publisher.py), then answers 503.
+AMQP_SETTINGS = {
+    "task_queues": tuple(
+        Queue(name, Exchange(name), routing_key=name, durable=True, queue_arguments={"x-queue-type": "quorum"})
+        for name in QUEUES
+    ),
+    "broker_transport_options": {"confirm_publish": True},
+    # Without Celery's native delayed delivery, which stalled workers for 17-20 s after a node
+    # of a cluster was lost and serves ETA messages only (app/amqp_consumer.py).
+    "worker_consumer": "app.amqp_consumer:IntakeConsumer",
+}
+
+
+def is_amqp(url: str) -> bool:
+    """The broker URL names RabbitMQ (kombu's amqp, pyamqp and amqps transports)."""
+    return url.split("://", 1)[0] in ("amqp", "pyamqp", "amqps")
+
 
 worker_send_task_events = False
 worker_hijack_root_logger = False

@@ -14,6 +14,8 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase
 
+import celery_config
+
 
 class Base(DeclarativeBase):
     pass
@@ -74,6 +76,8 @@ def celery_init_app(app: Flask) -> Celery:
     celery_app.conf.broker_url = broker_url
     if broker_url.startswith("filesystem://"):
         celery_app.conf.broker_transport_options = _filesystem_transport(app.config["BROKER_FOLDER"])
+    elif celery_config.is_amqp(broker_url):
+        celery_app.conf.update(celery_config.AMQP_SETTINGS)
 
     @worker_process_init.connect(weak=False)
     def fresh_database_connections(**_):

@@ -14,6 +14,8 @@ from pathlib import Path
 import redis
 from celery import signals
 from flask import Flask, current_app, g, request
+from kombu import Connection
+from kombu.exceptions import ChannelError
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -28,9 +30,11 @@ from prometheus_client.core import GaugeMetricFamily
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+import celery_config
+
 log = logging.getLogger(__name__)
 
-QUEUES = ("default", "emails", "batch_processing")
+QUEUES = celery_config.QUEUES
 UNMATCHED_ROUTE = "<unmatched>"
 INGEST_ENDPOINTS = frozenset({"ingest.ingest_event", "ingest.ingest_batch", "otlp.export_logs"})
 # Any other method is one label value, so that odd requests cannot add series without bound.
@@ -174,7 +178,24 @@ class QueueDepthCollector:
         if self.broker_url.startswith("filesystem://"):
             folder = Path(self.broker_folder) / "queue"
             return {queue: sum(1 for _ in folder.glob(f"*.{queue}.msg")) for queue in QUEUES}
+        if celery_config.is_amqp(self.broker_url):
+            return _amqp_queue_counts(self.broker_url)
         return None  # another broker: use its own exporter
+
+
+def _amqp_queue_counts(url: str) -> dict[str, int]:
+    """RabbitMQ: the messages ready in each queue (passive declares), a queue no worker has declared yet left out."""
+    timeouts = {"read_timeout": 0.5, "write_timeout": 0.5}  # a hung broker must not hang the scrape
+    counts = {}
+    with Connection(url, connect_timeout=0.5, transport_options=timeouts) as connection:
+        for queue in QUEUES:
+            channel = connection.channel()
+            try:
+                counts[queue] = channel.queue_declare(queue, passive=True).message_count
+            except ChannelError:  # NOT_FOUND closes the channel; the next queue gets a new one
+                continue
+            channel.close()
+    return counts
 
 
 class PendingCollector:

@@ -128,9 +128,11 @@ class Publisher:
 
     def send(self, queue_name: str, group_id: str, request_ids: list[str] = ()) -> None:
         """Publish the message that makes a worker store a pending group."""
+        # On RabbitMQ the publish waits for the broker's confirm (celery_config.AMQP_SETTINGS),
+        # at most as long as a request waits for it; other transports ignore confirm_timeout.
         self.celery.send_task(
             TASK_FOR_QUEUE[queue_name], args=[group_id], task_id=group_id, queue=queue_name,
-            headers=_headers(request_ids) or None,
+            headers=_headers(request_ids) or None, confirm_timeout=self.timeout,
         )
 
     def _forget(self, queue_name, group_id):

@@ -1,7 +1,8 @@
-"""Fixtures: a private PostgreSQL database and Redis db per run, the app, and real processes.
+"""Fixtures: a private PostgreSQL database, Redis db and RabbitMQ vhost per run, the app, and real processes.
 
-The suite needs PostgreSQL and Redis (TEST_POSTGRES_URL, TEST_REDIS_URL; defaults are the
-local servers). If either is unreachable the run stops with an error: it never skips.
+The suite needs PostgreSQL, Redis and RabbitMQ (TEST_POSTGRES_URL, TEST_REDIS_URL,
+TEST_AMQP_URL; defaults are the local servers, and `rabbitmqctl` makes each run's vhost).
+If one is unreachable the run stops with an error: it never skips.
 """
 import os
 import signal
@@ -11,18 +12,24 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg2
 import pytest
 import redis as redis_lib
 import requests
+from kombu import Connection
+from kombu.exceptions import ChannelError
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_BASE = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
+AMQP_BASE = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672").rstrip("/")
 RUN_ID = uuid.uuid4().hex[:10]
 DB_NAME = f"intake_test_{RUN_ID}"
 DATABASE_URL = ADMIN_URL.rsplit("/", 1)[0] + "/" + DB_NAME
+VHOST = f"intake_test_{RUN_ID}"
+PERSISTENCE_QUEUES = ("default", "batch_processing", "emails")
 
 
 def pytest_sessionstart(session):
@@ -35,8 +42,13 @@ def pytest_sessionstart(session):
         redis_lib.Redis.from_url(REDIS_BASE, socket_connect_timeout=3).ping()
     except Exception as error:
         problems.append(f"Redis at {REDIS_BASE}: {error}")
+    try:
+        with Connection(f"{AMQP_BASE}//", connect_timeout=3) as connection:
+            connection.ensure_connection(max_retries=1)
+    except Exception as error:
+        problems.append(f"RabbitMQ at {AMQP_BASE}: {error}")
     if problems:
-        pytest.exit("The tests need real PostgreSQL and Redis:\n  " + "\n  ".join(problems), returncode=3)
+        pytest.exit("The tests need real PostgreSQL, Redis and RabbitMQ:\n  " + "\n  ".join(problems), returncode=3)
 
 
 def _admin(sql):
@@ -87,6 +99,116 @@ def test_environment(tmp_path_factory):
     redis_lib.Redis.from_url(redis_url).flushdb()
     redis_lib.Redis.from_url(f"{REDIS_BASE}/0").delete(f"intake:test-run:db:{number}")
     _admin(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
+
+
+class RedisBroker:
+    """Redis as the broker: this run's db, where kombu keeps each queue as a list."""
+
+    name = "redis"
+
+    def __init__(self, url):
+        self.url = url
+        self.client = redis_lib.Redis.from_url(url)
+
+    def depth(self, queue) -> int:
+        return self.client.llen(queue)
+
+    def lose(self, *queues):
+        """Drop the waiting messages, as a broker that lost them."""
+        self.client.delete(*queues)
+
+    def clean(self):
+        pass  # clean_state empties the whole db
+
+
+class RabbitBroker:
+    """RabbitMQ as the broker: this run's vhost, made on first use and deleted at the end."""
+
+    name = "amqp"
+
+    def __init__(self):
+        self.url = f"{AMQP_BASE}/{VHOST}"
+        self.port = urlsplit(AMQP_BASE).port or 5672
+
+    def create(self):
+        for args in (["add_vhost", VHOST], ["set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*"]):
+            subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+        return self
+
+    def delete(self):
+        subprocess.run(["rabbitmqctl", "delete_vhost", VHOST], capture_output=True, timeout=60)
+
+    def _on_queues(self, queues, act) -> list:
+        results = []
+        with Connection(self.url, connect_timeout=5) as connection:
+            for queue in queues:
+                channel = connection.channel()
+                try:
+                    results.append(act(channel, queue))
+                except ChannelError:  # not declared yet: the broker closed the channel
+                    results.append(0)
+                else:
+                    channel.close()
+        return results
+
+    def depth(self, queue) -> int:
+        """Messages ready in the queue (not those a worker holds unacknowledged)."""
+        [count] = self._on_queues([queue], lambda channel, q: channel.queue_declare(q, passive=True).message_count)
+        return count
+
+    def lose(self, *queues):
+        """Drop the waiting messages, as a broker that lost them."""
+        self._on_queues(queues, lambda channel, q: channel.queue_purge(q))
+
+    def declared(self, queue) -> bool:
+        return self._on_queues([queue], lambda channel, q: channel.queue_declare(q, passive=True) and True) == [True]
+
+    def clean(self):
+        self.lose(*PERSISTENCE_QUEUES)
+
+
+_rabbit = None
+
+
+def _rabbit_broker() -> RabbitBroker:
+    global _rabbit
+    if _rabbit is None:
+        _rabbit = RabbitBroker().create()
+    return _rabbit
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _delete_vhost_at_the_end():
+    yield
+    if _rabbit is not None:
+        _rabbit.delete()
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def broker(request, test_environment):
+    """Each broker Intake supports in turn, for the end-to-end tests that run on both (README "Brokers")."""
+    if request.param == "redis":
+        yield RedisBroker(test_environment["REDIS_URL"])
+        return
+    yield _rabbit_broker()
+    _rabbit.clean()
+
+
+@pytest.fixture
+def rabbit(test_environment):
+    """RabbitMQ only: this run's vhost, its queues purged afterwards."""
+    yield _rabbit_broker()
+    _rabbit.clean()
+
+
+@pytest.fixture
+def broker_app(broker, app):
+    """The app as the test's processes run it: on the test's broker (the session's app is on Redis)."""
+    if broker.name == "redis":
+        return app
+    from tests.private_redis import isolated_app
+
+    return isolated_app({"CELERY_BROKER_URL": broker.url})
 
 
 @pytest.fixture(scope="session")
@@ -285,9 +407,12 @@ class Stack:
 
 
 @pytest.fixture
-def stack(test_environment, tmp_path):
-    """Real processes for one test; all stopped afterwards."""
-    running = Stack(test_environment, tmp_path)
+def stack(request, test_environment, tmp_path):
+    """Real processes for one test (on the test's `broker` when it asks for one); all stopped afterwards."""
+    env = dict(test_environment)
+    if "broker" in request.fixturenames:
+        env["CELERY_BROKER_URL"] = request.getfixturevalue("broker").url
+    running = Stack(env, tmp_path)
     yield running
     running.stop()
 

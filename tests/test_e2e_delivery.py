@@ -1,6 +1,7 @@
 """Nothing accepted is lost: SIGKILLed workers, messages the broker lost, a backlog, a database outage.
 
-No test here runs beat: recovery lives in the workers (app/redelivery.py).
+No test here runs beat: recovery lives in the workers (app/redelivery.py). Each runs on both
+brokers (the `broker` fixture); the pending store is Redis on both.
 """
 import json
 import os
@@ -24,18 +25,18 @@ def stored_ids(app_id):
     return [row[0] for row in sql("SELECT event_id FROM events WHERE app_id = %s", app_id)]
 
 
-def _wait_stored(app_id, accepted, redis):
+def _wait_stored(app_id, accepted, broker, redis):
     """Wait up to REDELIVERY_BOUND for every accepted event; on time-out say where the rest are."""
     try:
         wait_until(lambda: len(stored_ids(app_id)) >= len(accepted), timeout=REDELIVERY_BOUND,
                    message=f"{len(accepted)} stored events")
     except AssertionError:
         raise AssertionError(f"{len(stored_ids(app_id))} of {len(accepted)} stored {REDELIVERY_BOUND} s after the last "
-                             f"restart; queued {redis.llen('default')} / {redis.llen('batch_processing')}, "
+                             f"restart; queued {broker.depth('default')} / {broker.depth('batch_processing')}, "
                              f"pending {redis.hlen('intake:pending:bodies')}") from None
 
 
-def test_messages_lost_by_the_broker_are_published_again(stack, make_app, redis):
+def test_messages_lost_by_the_broker_are_published_again(broker, stack, make_app):
     app_id, key = make_app()
     stack.web()
     for i in range(5):
@@ -44,14 +45,14 @@ def test_messages_lost_by_the_broker_are_published_again(stack, make_app, redis)
     assert stack.post(f"/api/logs/{app_id}/batch", [{"event_name": "b", "event_id": f"lost-b{i}"} for i in range(5)],
                       headers={"X-API-Key": key}).status_code == 202
     # What kombu's Redis transport does when a worker dies between BRPOP and its
-    # bookkeeping: the messages are gone from the broker.
-    redis.delete("default", "batch_processing")
+    # bookkeeping (and what an operator's purge does on any broker): the messages are gone.
+    broker.lose("default", "batch_processing")
     stack.worker(queues="default,batch_processing")
     wait_until(lambda: len(stored_ids(app_id)) == 10, timeout=AIM, message="10 redelivered events")
     assert sorted(stored_ids(app_id)) == sorted([f"lost-{i}" for i in range(5)] + [f"lost-b{i}" for i in range(5)])
 
 
-def test_sigkilled_workers_lose_nothing_and_store_once(stack, make_app, redis):
+def test_sigkilled_workers_lose_nothing_and_store_once(broker, stack, make_app, redis):
     app_id, key = make_app()
     stack.web(workers=2, threads=4)
     worker = stack.worker(queues="default,batch_processing", concurrency=2)
@@ -71,8 +72,9 @@ def test_sigkilled_workers_lose_nothing_and_store_once(stack, make_app, redis):
             (accepted if response.status_code == 202 else refused).extend(ids)
             i += 1
             # Paced: the kills, not the size of the drain afterwards, are what is tested (unpaced,
-            # a loaded CI machine accepted 40,000 events in 6 s and took over a minute to store them).
-            time.sleep(0.005)
+            # a loaded CI machine accepted 40,000 events in 6 s and took over a minute to store
+            # them; at 5 ms a busy 2-core machine still accepted 31,000 and stored 30,000 in time).
+            time.sleep(0.02)
 
     threads = [threading.Thread(target=load, args=(t,)) for t in range(6)]
     for thread in threads:
@@ -90,15 +92,15 @@ def test_sigkilled_workers_lose_nothing_and_store_once(stack, make_app, redis):
             thread.join()
 
     assert not refused and len(accepted) > 200
-    _wait_stored(app_id, accepted, redis)
-    print(f"every accepted event stored {time.monotonic() - restarted:.1f} s after the last restart")
+    _wait_stored(app_id, accepted, broker, redis)
+    print(f"{broker.name}: every accepted event stored {time.monotonic() - restarted:.1f} s after the last restart")
     stored = stored_ids(app_id)
     assert sorted(stored) == sorted(accepted)  # every accepted event, each exactly once
     wait_until(lambda: redis.hlen("intake:pending:bodies") == 0, message="pending store drained")
     assert sql("SELECT count(*) FROM failed_events")[0][0] == 0
 
 
-def test_database_outage_delays_but_loses_nothing(stack, make_app, redis):
+def test_database_outage_delays_but_loses_nothing(broker, stack, make_app, redis):
     app_id, key = make_app()
     stack.web()
     # A worker whose database is unreachable: every write fails for a reason of the database.
@@ -133,7 +135,8 @@ def worker_log_lines(stack):
                         continue
 
 
-def test_a_backlog_on_each_queue_and_three_kills_keep_the_bound_without_copies(stack, app, make_app, redis, capsys):
+def test_a_backlog_on_each_queue_and_three_kills_keep_the_bound_without_copies(broker, stack, broker_app, make_app,
+                                                                              redis, capsys):
     """A backlog of 10-20 s on each queue (the issue's 60 s, scaled to keep the test short)."""
     from tests.test_persistence import make_event
 
@@ -144,16 +147,17 @@ def test_a_backlog_on_each_queue_and_three_kills_keep_the_bound_without_copies(s
 
     def top_up(queue, groups):
         """Publish `groups` more groups to `queue` (one event each on default, ten on batch_processing)."""
-        with app.app_context():
-            publisher = app.extensions["intake.publisher"]
+        with broker_app.app_context():
+            publisher = broker_app.extensions["intake.publisher"]
             for i in range(made[queue], made[queue] + groups):
                 ids = [f"q-{i}"] if queue == "default" else [f"qb-{i}-{k}" for k in range(10)]
                 backlog.extend(ids)
                 publisher.publish(queue, [make_event(app_id, event_id=e) for e in ids], [])
         made[queue] += groups
 
-    top_up("default", BACKLOG_SINGLE)
-    top_up("batch_processing", BACKLOG_BATCHES)
+    backlog_single, backlog_batches = BACKLOG[broker.name]
+    top_up("default", backlog_single)
+    top_up("batch_processing", backlog_batches)
     accepted, refused, stop = backlog, [], threading.Event()
 
     def load(thread):
@@ -190,10 +194,10 @@ def test_a_backlog_on_each_queue_and_three_kills_keep_the_bound_without_copies(s
         for _ in range(3):
             time.sleep(2)
             # Every kill lands on a backlog, however fast this machine drains one.
-            for queue, groups in (("default", BACKLOG_SINGLE // 4), ("batch_processing", BACKLOG_BATCHES // 4)):
-                if redis.llen(queue) < groups:
+            for queue, groups in (("default", backlog_single // 4), ("batch_processing", backlog_batches // 4)):
+                if broker.depth(queue) < groups:
                     top_up(queue, groups)
-            assert redis.llen("default") > 0 and redis.llen("batch_processing") > 0, "the backlog is still there"
+            assert broker.depth("default") > 0 and broker.depth("batch_processing") > 0, "the backlog is still there"
             for worker in running:
                 worker.kill()
             running = workers()
@@ -205,7 +209,7 @@ def test_a_backlog_on_each_queue_and_three_kills_keep_the_bound_without_copies(s
             thread.join()
 
     assert not refused
-    _wait_stored(app_id, accepted, redis)
+    _wait_stored(app_id, accepted, broker, redis)
     took = time.monotonic() - restarted
     assert sorted(stored_ids(app_id)) == sorted(accepted)  # every accepted event, each exactly once
     wait_until(lambda: redis.hlen("intake:pending:bodies") == 0, message="pending store drained")
@@ -214,19 +218,26 @@ def test_a_backlog_on_each_queue_and_three_kills_keep_the_bound_without_copies(s
     published_again = sum(int(m.group(1)) for line in lines
                           if (m := re.match(r"redelivery sweep published (\d+)", line.get("message", ""))))
     with capsys.disabled():
-        print(f"\nbacklog {made['default']} + {made['batch_processing']} groups, {len(accepted)} events, three kills: "
+        print(f"\n{broker.name}: backlog {made['default']} + {made['batch_processing']} groups, {len(accepted)} events, three kills: "
               f"all stored {took:.1f} s after the last restart ({time.monotonic() - started:.1f} s in all, kills "
               f"over {restarted - started:.1f} s); "
               f"the sweep published {published_again} group(s) again, {duplicates} of them duplicates")
     assert took <= REDELIVERY_BOUND
-    assert duplicates <= published_again <= 100, "a backlog is not handed copies"
+    # RabbitMQ hands a killed worker's unacknowledged messages back: a group it had stored but not
+    # yet acknowledged is delivered again and found stored ("duplicate"), at most the tasks
+    # running at each kill (3 kills x 2 workers x 2 processes). Redis returns them only after
+    # the visibility timeout, long after the sweep has published them again.
+    redelivered_by_the_broker = 3 * 2 * 2 if broker.name == "amqp" else 0
+    assert published_again <= 100, "a backlog is not handed copies"
+    assert duplicates <= published_again + redelivered_by_the_broker
 
 
-# Sized for 10-20 s of backlog on each queue on a loaded 2-core machine (about 100 single-event
-# groups a second drain, with the live load beside them). The issue says 60 s: scaled down to
-# keep `make test` short; the mechanism does not depend on the length.
-BACKLOG_SINGLE = 1200
-BACKLOG_BATCHES = 400
+# (single-event groups, 10-event groups) sized for 10-20 s of backlog on each queue on a loaded
+# 2-core machine: on Redis about 100 single-event groups a second drain, with the live load
+# beside them; RabbitMQ pushes messages to its consumers and drains about three times as fast
+# (280 and 170 groups a second here). The issue says 60 s: scaled down to keep `make test`
+# short; the mechanism does not depend on the length.
+BACKLOG = {"redis": (1200, 400), "amqp": (3600, 1600)}
 
 
 def _pool_children(worker) -> list[int]:
@@ -239,7 +250,8 @@ def _pool_children(worker) -> list[int]:
         return []
 
 
-def test_a_group_whose_write_kills_its_process_is_split_and_the_killer_kept_as_failed(stack, app, make_app, redis):
+def test_a_group_whose_write_kills_its_process_is_split_and_the_killer_kept_as_failed(broker, stack, broker_app,
+                                                                                      make_app, redis):
     """Real deaths: the pool process dies (SIGKILL, as the OOM killer or the hard time limit do) mid-write."""
     from tests.test_persistence import make_event
 
@@ -256,8 +268,9 @@ def test_a_group_whose_write_kills_its_process_is_split_and_the_killer_kept_as_f
                             (app_id,))
     ids = ["k-0", "k-1", "k-2", "k-3"]
     try:
-        with app.app_context():
-            app.extensions["intake.publisher"].publish("default", [make_event(app_id, event_id=e) for e in ids], [])
+        with broker_app.app_context():
+            broker_app.extensions["intake.publisher"].publish("default", [make_event(app_id, event_id=e) for e in ids],
+                                                              [])
         kills, deadline = 0, time.monotonic() + 90
         while not sql("SELECT 1 FROM failed_events WHERE app_id = %s AND event_id = 'k-1'", app_id):
             assert time.monotonic() < deadline, f"no failed event after {kills} kills:\n{worker.output()[-3000:]}"

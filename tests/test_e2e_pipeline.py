@@ -1,4 +1,4 @@
-"""End to end on real processes: gunicorn and a Celery worker store events in PostgreSQL."""
+"""End to end on real processes: gunicorn and a Celery worker store events in PostgreSQL (on either broker)."""
 import json
 import subprocess
 import sys
@@ -11,7 +11,7 @@ def stored_count(app_id):
     return sql("SELECT count(*) FROM events WHERE app_id = %s", app_id)[0][0]
 
 
-def test_single_events_and_batches_are_stored(stack, make_app):
+def test_single_events_and_batches_are_stored(broker, stack, make_app):
     app_id, key = make_app()
     stack.web()
     stack.worker()
@@ -36,7 +36,7 @@ def test_single_events_and_batches_are_stored(stack, make_app):
     assert status["status"] == "processed" and status["error"] is None and status["processed_at"]
 
 
-def test_concurrent_single_events_share_messages(stack, make_app):
+def test_concurrent_single_events_share_messages(broker, stack, make_app):
     app_id, key = make_app()
     stack.web(workers=1, threads=8)
     stack.worker()
@@ -55,7 +55,7 @@ def test_concurrent_single_events_share_messages(stack, make_app):
     assert sql("SELECT count(DISTINCT event_id) FROM events WHERE app_id = %s", app_id)[0][0] == 300
 
 
-def test_same_event_id_twice_is_stored_once(stack, make_app):
+def test_same_event_id_twice_is_stored_once(broker, stack, make_app):
     app_id, key = make_app()
     stack.web()
     stack.worker()
@@ -75,7 +75,7 @@ def _pending(stack):
     return redis.Redis.from_url(stack.env["REDIS_URL"]).hlen("intake:pending:bodies")
 
 
-def test_rejected_events_leave_nothing(stack, make_app):
+def test_rejected_events_leave_nothing(broker, stack, make_app):
     app_id, key = make_app(rules=[{"name": "needs amount", "action": "reject",
                                    "schema": {"required": ["amount"]}, "event_name": "pay"}])
     stack.web()
@@ -89,7 +89,7 @@ def test_rejected_events_leave_nothing(stack, make_app):
     assert sql("SELECT payload FROM events WHERE app_id = %s", app_id) == [({"event_name": "pay", "amount": 3},)]
 
 
-def test_inspect_lists_the_three_queues_and_the_tasks(stack):
+def test_inspect_lists_the_three_queues_and_the_tasks(broker, stack):
     stack.worker(queues="default,emails,batch_processing")
 
     def inspect(command):
@@ -101,6 +101,9 @@ def test_inspect_lists_the_three_queues_and_the_tasks(stack):
 
     (queues,) = inspect("active_queues").values()
     assert {q["name"] for q in queues} == {"default", "emails", "batch_processing"}
+    if broker.name == "amqp":  # replicated, durable: celery_config.AMQP_SETTINGS
+        assert [(q["durable"], q["queue_arguments"]) for q in queues] == [(True, {"x-queue-type": "quorum"})] * 3
+        assert not broker.declared("celery_delayed_0"), "Celery's delayed delivery is left out (app/amqp_consumer.py)"
     (registered,) = inspect("registered").values()
     assert {"intake.persist_events", "intake.persist_batch", "intake.send_email",
             "intake.redeliver_pending"} <= set(registered)

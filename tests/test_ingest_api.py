@@ -14,7 +14,7 @@ import pytest
 import redis as redis_lib
 
 from app import events
-from tests.conftest import free_port, sql, wait_until
+from tests.conftest import VHOST, free_port, sql, wait_until
 
 BODIES = "intake:pending:bodies"
 QUEUES = ("default", "batch_processing")
@@ -647,3 +647,58 @@ def test_frozen_broker_that_recovers_stores_nothing_the_client_was_refused(other
     # pending records are dropped, so a worker finds nothing to store for them.
     time.sleep(3)
     wait_until(lambda: redis.hlen(BODIES) == 0, timeout=15, message="the refused events' records dropped")
+
+
+# --- RabbitMQ: publisher confirms ---------------------------------------------------------
+
+
+@pytest.fixture
+def rabbit_proxy(rabbit):
+    """The run's RabbitMQ vhost behind a proxy the test can freeze, stop and start."""
+    from tests.broker_proxy import BrokerProxy
+
+    proxy = BrokerProxy(rabbit.port).start()
+    yield proxy
+    proxy.thaw()
+    proxy.stop()
+
+
+def test_rabbitmq_that_does_not_confirm_is_503_and_keeps_nothing_refused(other_apps, rabbit, rabbit_proxy, app_key,
+                                                                          redis, test_environment):
+    app_id, key = app_key
+    flask_app = other_apps({"REDIS_URL": test_environment["REDIS_URL"], "CELERY_BROKER_URL": rabbit_proxy.url(VHOST)})
+    client = flask_app.test_client()
+    warm_up = post(client, app_id, key, {"event_name": "warm-up"})
+    assert warm_up.status_code == 202  # confirmed by the broker
+    warm_up_id = warm_up.get_json()["task_id"].encode()
+    assert redis.hkeys(BODIES) == [warm_up_id]
+
+    rabbit_proxy.freeze()  # the connection stays open; no confirm comes back
+    assert_503_fast(client, app_id, key)
+    assert_503_fast(client, app_id, key, batch=True)
+    rabbit_proxy.thaw()
+    # The client was told 503: whatever reaches the broker now finds no pending record.
+    wait_until(lambda: redis.hkeys(BODIES) == [warm_up_id], timeout=15, message="the refused events' records dropped")
+
+    after = wait_until(lambda: (r := post(client, app_id, key, {"event_name": "after"})).status_code == 202 and r,
+                       timeout=10, interval=0.2, message="202 once the broker confirms again")
+    assert set(redis.hkeys(BODIES)) == {warm_up_id, after.get_json()["task_id"].encode()}
+
+
+def test_rabbitmq_down_is_503_and_back_without_restart(other_apps, rabbit, rabbit_proxy, app_key, redis,
+                                                       test_environment):
+    app_id, key = app_key
+    flask_app = other_apps({"REDIS_URL": test_environment["REDIS_URL"], "CELERY_BROKER_URL": rabbit_proxy.url(VHOST)})
+    client = flask_app.test_client()
+    assert post(client, app_id, key, {"event_name": "before"}).status_code == 202
+
+    rabbit_proxy.stop()
+    for _ in range(2):
+        assert_503_fast(client, app_id, key)
+    assert_503_fast(client, app_id, key, batch=True)
+
+    rabbit_proxy.start()
+    wait_until(lambda: post(client, app_id, key, {"event_name": "after"}).status_code == 202, timeout=10,
+               interval=0.2, message="202 after the broker is back")
+    assert post(client, app_id, key, [{"event_name": "after"}], batch=True).status_code == 202
+    assert rabbit.depth("default") == 2 and rabbit.depth("batch_processing") == 1

@@ -53,7 +53,7 @@ def test_request_counter_is_the_sum_over_every_gunicorn_worker(stack):
     assert value(text, "intake_http_request_duration_seconds_count", method="GET", route="/health") >= count
 
 
-def test_ingestion_counters_routes_and_queue_depth(stack, make_app):
+def test_ingestion_counters_routes_and_queue_depth(broker, stack, make_app):
     stack.web(workers=2, threads=2)
     app_id, key = make_app()
     headers = {"X-API-Key": key}

@@ -3,15 +3,9 @@ import time
 
 import pytest
 
-from tests.conftest import free_port
+from tests.broker_proxy import BrokerProxy
+from tests.conftest import VHOST, free_port
 from tests.private_redis import PrivateRedis, SilentServer, isolated_app
-
-
-@pytest.fixture
-def private_redis(tmp_path):
-    server = PrivateRedis(tmp_path).start()
-    yield server
-    server.stop()
 
 
 def timed_get(client_or_stack, path):
@@ -37,17 +31,31 @@ def test_ready_when_database_and_broker_answer(client):
     assert set(body) <= {"database", "broker", "warnings"}
 
 
-def test_ready_follows_the_broker_down_and_back_without_restart(stack, private_redis):
-    """A real gunicorn on a private Redis: stop it → 503 naming the broker; start it → 200."""
-    stack.web(workers=1, REDIS_URL=private_redis.url, CELERY_BROKER_URL=private_redis.url)
+@pytest.fixture
+def broker_to_stop(broker, tmp_path):
+    """(a server the test can stop and start, the settings that make it the broker): on each broker."""
+    if broker.name == "redis":
+        server = PrivateRedis(tmp_path).start()
+        yield server, {"REDIS_URL": server.url, "CELERY_BROKER_URL": server.url}
+    else:
+        server = BrokerProxy(broker.port).start()  # in front of the run's RabbitMQ vhost
+        yield server, {"CELERY_BROKER_URL": server.url(VHOST)}
+    server.stop()
+
+
+def test_ready_follows_the_broker_down_and_back_without_restart(broker, stack, broker_to_stop):
+    """A real gunicorn on a broker of its own: stop it → 503 naming the broker; start it → 200."""
+    server, settings = broker_to_stop
+    stack.web(workers=1, **settings)
     response = stack.get("/ready")
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["database"] == "ok" and body["broker"] == "ok"
-    # The private server runs with --save "" --appendonly no: the operator is warned.
-    assert any("persistence is off" in warning for warning in body["warnings"])
+    if broker.name == "redis":
+        # The private server runs with --save "" --appendonly no: the operator is warned.
+        assert any("persistence is off" in warning for warning in body["warnings"])
 
-    private_redis.stop()
+    server.stop()
     for _ in range(2):  # every call checks again: no cached answer
         response, took = timed_get(stack, "/ready")
         assert response.status_code == 503
@@ -58,7 +66,7 @@ def test_ready_follows_the_broker_down_and_back_without_restart(stack, private_r
         assert "broker" in error["details"][0]["message"]
         assert took < 2.5
 
-    private_redis.start()  # same port
+    server.start()  # same port
     response = stack.get("/ready")
     assert response.status_code == 200, response.text
     assert response.json()["broker"] == "ok"
@@ -75,11 +83,13 @@ def test_ready_names_the_database_when_it_is_unreachable():
     assert took < 2.5
 
 
-def test_ready_answers_in_about_a_second_when_the_broker_hangs():
+@pytest.mark.parametrize("scheme", ["redis", "amqp"])
+def test_ready_answers_in_about_a_second_when_the_broker_hangs(scheme, test_environment):
     silent = SilentServer()
     try:
-        url = f"redis://127.0.0.1:{silent.port}/0"
-        client = isolated_app({"REDIS_URL": url, "CELERY_BROKER_URL": url}).test_client()
+        url = f"{scheme}://guest:guest@127.0.0.1:{silent.port}/0"
+        pending = url if scheme == "redis" else test_environment["REDIS_URL"]
+        client = isolated_app({"REDIS_URL": pending, "CELERY_BROKER_URL": url}).test_client()
         for _ in range(2):  # the second call finds the first check still hanging: not ready either
             response, took = timed_get(client, "/ready")
             assert response.status_code == 503

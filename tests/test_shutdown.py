@@ -42,7 +42,7 @@ def waiting_inserts() -> int:
                "AND wait_event_type = 'Lock' AND query NOT ILIKE 'LOCK TABLE%%'")[0][0]
 
 
-def test_sigterm_lets_running_tasks_finish_and_returns_prefetched_ones(stack, make_app, tmp_path, redis,
+def test_sigterm_lets_running_tasks_finish_and_returns_prefetched_ones(broker, stack, make_app, tmp_path, redis,
                                                                        events_locked):
     stack.web(workers=1)
     first = start_script(stack, tmp_path, "worker-first")
@@ -63,7 +63,7 @@ def test_sigterm_lets_running_tasks_finish_and_returns_prefetched_ones(stack, ma
     stored_by_first = task_lines(first)
     assert sorted(entry["outcome"] for entry in stored_by_first) == ["stored", "stored"]
     assert sql("SELECT count(*) FROM events")[0][0] == 20
-    assert redis.llen("batch_processing") == batches - 2  # back in the queue, not lost
+    assert broker.depth("batch_processing") == batches - 2  # back in the queue, not lost
     assert "Warm shutdown" in first.output() and "WorkerLostError" not in first.output()
 
     second = start_script(stack, tmp_path, "worker-second")
