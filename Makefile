@@ -25,11 +25,12 @@ run: install
 test: install
 	$(BIN)/pytest -n 3 --dist loadfile
 
-# Intake beside the stock design (bench/stock/), single events with and without a per-app rate
-# limit, one `celery worker -c 2` per queue for both designs: about 7 minutes.
+# Intake beside the stock design (bench/stock/), each on Redis and on RabbitMQ (a vhost of the
+# run's own; the repeats take turns), single events with and without a per-app rate limit, one
+# `celery worker -c 2` per queue for both designs: about 11 minutes.
 bench: install
 	command -v wrk >/dev/null 2>&1 || { apt-get update && apt-get install -y wrk; }
-	$(BIN)/python bench/run.py --repeat 3 --duration 8 --designs intake,stock --rate-limit both --worker-concurrency 2
+	$(BIN)/python bench/run.py --repeat 2 --duration 6 --designs intake,stock --broker both --rate-limit both --worker-concurrency 2
 
 clean:
 	rm -rf $(VENV) instance .pytest_cache

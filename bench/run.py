@@ -23,6 +23,11 @@ With `--designs intake,stock` the stock design (bench/stock/: one Celery message
 INSERT + COMMIT per event, one task per batch request) runs the same loads after Intake's
 processes stop, on a database and Redis db of its own; `--rate-limit both` measures single
 events with and without a per-app rate limit that is never reached, alternating the two.
+
+`--broker amqp` runs each design with RabbitMQ as the Celery broker (CELERY_BROKER_URL on a
+vhost of the run's own; the pending store, rules cache and rate limits stay on Redis);
+`--broker both` runs each design's stack on Redis and on RabbitMQ side by side, the repeats
+taking turns (redis, amqp; then amqp, redis …), and adds the `amqp_over_redis` comparison.
 """
 import argparse
 import io
@@ -47,12 +52,16 @@ from pathlib import Path
 
 import psycopg2
 import redis as redis_lib
+from kombu import Connection as BrokerConnection
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 ADMIN_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_BASE = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
+# RabbitMQ for --broker amqp: each design's stack gets a vhost of its own (rabbitmqctl, as root).
+AMQP_BASE = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672").rstrip("/")
+BROKER_QUEUES = ("default", "batch_processing")
 RUN_ID = uuid.uuid4().hex[:10]
 DB_NAME = f"intake_bench_{RUN_ID}"
 DATABASE_URL = ADMIN_URL.rsplit("/", 1)[0] + "/" + DB_NAME
@@ -66,6 +75,9 @@ TARGETS = {
     "api_worker_peak_rss_mb": {"target_max": 150.0},
     "otlp_e2e_over_batch_e2e": {"target": 0.8},
 }
+# Issue 17: Intake on RabbitMQ at least 0.9 x Intake on Redis, single events and batches end
+# to end, same run: reported, never asserted.
+AMQP_OVER_REDIS_TARGET = 0.9
 # The OTLP phase's records carry this placeholder in their "bench.id" attribute; otlp.lua
 # replaces it with a unique id of the same width (see there).
 OTLP_ID_PLACEHOLDER = "Z" * 24
@@ -164,6 +176,13 @@ class Process:
             pass
         if self.log_file:
             self.log_file.close()
+
+
+def rabbitmqctl(*args) -> str:
+    result = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise BenchError(f"rabbitmqctl {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result.stdout
 
 
 def free_port() -> int:
@@ -307,7 +326,8 @@ class MemorySampler(threading.Thread):
 
     def cpu_snapshot(self, db_name):
         """CPU seconds used so far, by role: the stack's processes, this database's PostgreSQL
-        backends, the Redis server (shared with anything else using it), and the machine."""
+        backends, the Redis server and the RabbitMQ server (each shared with anything else
+        using it), and the machine."""
         totals = {}
         table = process_table()
         members = self.members(table)
@@ -326,6 +346,8 @@ class MemorySampler(threading.Thread):
                     role = "postgres_shared"
                 elif "redis-server" in head:
                     role = "redis_server"
+                elif head.endswith("/beam.smp"):  # RabbitMQ (shared, like Redis)
+                    role = "rabbitmq_server"
                 else:
                     continue
             totals.setdefault(role, {})[pid] = stat[2]
@@ -365,13 +387,20 @@ class MemorySampler(threading.Thread):
 # --------------------------------------------------------------------------- the run
 
 class Bench:
-    def __init__(self, args, design="intake", modes=("off",)):
+    def __init__(self, args, design="intake", modes=("off",), broker="redis"):
         self.args = args
         self.design = design  # "intake", or "stock": bench/stock/
         self.modes = list(modes)  # rate limit "on" / "off": one gunicorn each, the first is the main one
+        self.broker = broker  # Celery's broker: "redis" (the claimed db) or "amqp" (a RabbitMQ vhost of its own)
         self.webs = {}  # mode -> base URL
         self.db_name = DB_NAME if design == "intake" else f"{DB_NAME}_{design}"
+        self.db_name += "_amqp" if broker == "amqp" else ""
         self.database_url = ADMIN_URL.rsplit("/", 1)[0] + "/" + self.db_name
+        self.vhost = self.db_name.removesuffix("_amqp") if broker == "amqp" else None
+        self.vhost_created = False
+        self.broker_url = None
+        self.amqp = None  # connection for queue depths (passive queue_declare)
+        self.rabbitmq_version = None
         self.tmp = Path(tempfile.mkdtemp(prefix="intake-bench-"))
         self.processes: list[Process] = []
         self.redis_number = None
@@ -404,6 +433,24 @@ class Bench:
                 return number
         raise BenchError("no free Redis db number (1-15)")
 
+    def create_vhost(self) -> str:
+        """A RabbitMQ vhost for this stack (guest may use it): the broker URL on it."""
+        if shutil.which("rabbitmqctl") is None:
+            raise BenchError("--broker amqp needs rabbitmqctl (RabbitMQ's CLI, run as root) to make a vhost")
+        user = AMQP_BASE.split("://", 1)[1].split("@", 1)[0].split(":", 1)[0] if "@" in AMQP_BASE else "guest"
+        rabbitmqctl("add_vhost", self.vhost)
+        self.vhost_created = True
+        rabbitmqctl("set_permissions", "-p", self.vhost, user, ".*", ".*", ".*")
+        url = f"{AMQP_BASE}/{self.vhost}"
+        try:
+            with BrokerConnection(url, connect_timeout=3) as conn:
+                conn.ensure_connection(max_retries=1)
+                self.rabbitmq_version = conn.connection.server_properties.get("version")
+        except Exception as error:
+            raise BenchError(f"RabbitMQ at {AMQP_BASE.rsplit('@', 1)[-1]} is unreachable: {error}") from None
+        log(f"{self.design}: RabbitMQ {self.rabbitmq_version} vhost {self.vhost}")
+        return url
+
     def setup(self):
         try:
             psycopg2.connect(ADMIN_URL, connect_timeout=3).close()
@@ -414,7 +461,7 @@ class Bench:
         except Exception as error:
             raise BenchError(f"Redis at {REDIS_BASE} is unreachable: {error}") from None
 
-        log(f"{self.design}: creating database {self.db_name}")
+        log(f"{self.design}/{self.broker}: creating database {self.db_name}")
         self.admin(f'CREATE DATABASE "{self.db_name}"')
         self.db_created = True
         self.redis_number = self.claim_redis_db()
@@ -422,6 +469,7 @@ class Bench:
         self.redis = redis_lib.Redis.from_url(redis_url)
         self.redis.flushdb()
         log(f"Redis db {self.redis_number}")
+        self.broker_url = self.create_vhost() if self.broker == "amqp" else redis_url
 
         venv_bin = str(Path(sys.executable).parent)
         instance = self.tmp / "instance"
@@ -441,6 +489,10 @@ class Bench:
         for key in ("CELERY_BROKER_URL", "FLASK_DEBUG", "PROMETHEUS_MULTIPROC_DIR", "WORKER_METRICS_PORT",
                     "RATELIMIT_STORAGE_URI", "INGEST_RATE_LIMIT", "PORT", "STOCK_RATE_LIMIT"):
             self.env.pop(key, None)
+        if self.broker == "amqp":
+            # Intake's config (app/config.py) and, for bench/stock/'s Celery app, Celery itself
+            # (its broker_url setting prefers this variable to the app's STOCK_REDIS_URL).
+            self.env["CELERY_BROKER_URL"] = self.broker_url
         if self.design == "stock":  # bench/stock/ reads these; Intake's CLI below makes its schema and app
             self.env.update({"STOCK_DATABASE_URL": self.database_url, "STOCK_REDIS_URL": redis_url})
 
@@ -533,7 +585,8 @@ class Bench:
             roots[beat.pid] = "beat"
         self.sampler = MemorySampler(roots)
         self.sampler.start()
-        log(f"{self.design} stack up: {len(webs)} x gunicorn {self.args.web_workers}x{self.args.web_threads} "
+        log(f"{self.design}/{self.broker} stack up: {len(webs)} x gunicorn "
+            f"{self.args.web_workers}x{self.args.web_threads} "
             f"(rate limit {', '.join(self.modes)}), workers "
             f"({'shared' if self.args.shared_worker else 'per queue'}, {processes(self.args, self.design)})"
             f"{', beat' if beat else ''}")
@@ -586,6 +639,13 @@ class Bench:
             attempt(f"stopping {process.name}", process.stop)
         if self.args.keep_logs:
             attempt("keeping logs", self.keep_logs)
+        if self.amqp is not None:
+            attempt("closing the queue-depth connection", self.amqp.release)
+            self.amqp = None
+        if self.vhost_created:
+            attempt(f"deleting vhost {self.vhost}", lambda: rabbitmqctl("delete_vhost", self.vhost))
+            self.vhost_created = False
+            log(f"deleted vhost {self.vhost}")
         if self.redis_number is not None:
             attempt(f"flushing Redis db {self.redis_number}", self.redis.flushdb)
             attempt("releasing the Redis db claim", lambda: redis_lib.Redis.from_url(f"{REDIS_BASE}/0").delete(
@@ -600,11 +660,21 @@ class Bench:
 
     def keep_logs(self):
         kept = RESULTS / "logs"
-        shutil.rmtree(kept, ignore_errors=True)
+        if self.broker == self.args.brokers[0] and self.design == self.args.designs[0]:
+            shutil.rmtree(kept, ignore_errors=True)  # the run's first stack: last run's logs go
         kept.mkdir(parents=True, exist_ok=True)
         for path in self.tmp.glob("*.log"):
-            shutil.copy(path, kept / path.name)
+            shutil.copy(path, kept / (path.name if self.broker == "redis" else f"{path.stem}-{self.broker}.log"))
         log(f"logs kept in {kept}")
+
+    def broker_config(self) -> dict:
+        """What the JSON says about this stack's broker."""
+        if self.broker == "redis":
+            return {"broker": "redis", "broker_url": self.broker_url}
+        queues = ("quorum queues, publisher confirms (celery_config.AMQP_SETTINGS)" if self.design == "intake"
+                  else "Celery's defaults: classic durable queues, no publisher confirms")
+        return {"broker": "amqp", "broker_url": re.sub(r"//[^@/]*@", "//", self.broker_url),
+                "rabbitmq_version": self.rabbitmq_version, "queues": queues}
 
     # ----- database helpers
 
@@ -621,19 +691,43 @@ class Bench:
         return stored, cur.fetchone()[0]
 
     def published_messages(self, queue):
-        """Messages the API has published to `queue` so far, from its /metrics (None if unavailable)."""
+        """(messages, seconds spent publishing them) the API has published to `queue` so far, from
+        its /metrics (None if unavailable): a publish is the pending record and the message (on
+        RabbitMQ: until the broker's confirm)."""
+        if self.design != "intake":
+            return None
         try:
             with urllib.request.urlopen(self.base_url + "/metrics", timeout=5) as response:
                 text = response.read().decode()
         except OSError:
             return None
-        match = re.search(r'^intake_publish_duration_seconds_count\{queue="%s"\} (\S+)$' % queue, text, re.M)
-        return float(match.group(1)) if match else None
+        found = [re.search(r'^intake_publish_duration_seconds_%s\{queue="%s"\} (\S+)$' % (stat, queue), text, re.M)
+                 for stat in ("count", "sum")]
+        return (float(found[0].group(1)), float(found[1].group(1))) if all(found) else None
+
+    def queued_messages(self) -> int:
+        """Messages waiting in the broker's queues for a worker (taken but unacknowledged ones not
+        counted): Redis list lengths, or RabbitMQ's message_count from a passive queue_declare."""
+        if self.broker == "redis":
+            return sum(self.redis.llen(queue) for queue in BROKER_QUEUES)
+        for attempt in (1, 2):
+            try:
+                if self.amqp is None:
+                    self.amqp = BrokerConnection(self.broker_url, connect_timeout=3)
+                channel = self.amqp.default_channel
+                return sum(channel.queue_declare(queue=queue, passive=True).message_count for queue in BROKER_QUEUES)
+            except Exception:
+                # A passive declare that fails closes the channel: start over on a new connection.
+                if self.amqp is not None:
+                    self.amqp.release()
+                self.amqp = None
+                if attempt == 2:
+                    raise
 
     def pending_count(self) -> int:
         if self.design == "stock":  # no pending store: messages still queued
-            return self.redis.llen("default") + self.redis.llen("batch_processing")
-        return self.redis.hlen(PENDING_BODIES)
+            return self.queued_messages()
+        return self.redis.hlen(PENDING_BODIES)  # Intake's pending store is on Redis whatever the broker
 
     def wait_drained(self, cur, event_name, accepted, timeout):
         """Wait until nothing is pending and every accepted event is stored (or failed);
@@ -708,7 +802,7 @@ class Bench:
             self.wrk("health.lua", "/health", min(seconds, 1))
         self.base_url = self.webs[self.modes[0]]
         _, drained = self.wait_drained(cur, name, accepted, self.args.drain_timeout)
-        log(f"warm-up: {accepted} events {'drained' if drained else 'NOT drained'}")
+        log(f"{self.design}/{self.broker} warm-up: {accepted} events {'drained' if drained else 'NOT drained'}")
 
     def phase_health(self):
         started = time.monotonic()
@@ -717,7 +811,8 @@ class Bench:
         cpu = self.sampler.cpu_between(cpu_before, self.sampler.cpu_snapshot(self.db_name), self.last_wrk_cpu_s)
         self.phase_windows.append(("health", started, ended, ended))
         rps = result["ok"] / result["duration_s"]
-        log(f"health: {rps:,.0f} req/s, p99 {result['latency_ms']['p99']:.1f} ms, non-200 {result['other']}, "
+        log(f"{self.design}/{self.broker} health: {rps:,.0f} req/s, p99 {result['latency_ms']['p99']:.1f} ms, "
+            f"non-200 {result['other']}, "
             f"machine busy {cpu['machine_busy_pct']}%, foreign load {cpu['foreign_cores']} cores")
         return {"requests_per_s": rps, "requests": result["requests"], "non_200": result["other"],
                 "latency_ms": result["latency_ms"], "socket_errors": result["socket_errors"],
@@ -769,13 +864,14 @@ class Bench:
         deadline = time.time() + self.args.duration
         # While wrk runs: after the deadline, note the load's end (stored count, CPU) and the
         # first moment nothing is pending any more (the queue may drain before wrk exits).
-        seen = {"load_end": None, "empty_at": None}
+        seen = {"load_end": None, "empty_at": None, "queued": None}
 
         def watch():
             if time.time() < deadline:
                 return
             if seen["load_end"] is None:
                 seen["load_end"] = (time.time(), self.count_events(cur, name)[0], self.sampler.cpu_snapshot(self.db_name))
+                seen["queued"] = self.queued_messages()  # the broker's backlog when the load ended
             if self.pending_count() == 0:
                 seen["empty_at"] = seen["empty_at"] or time.time()
             else:
@@ -805,12 +901,16 @@ class Bench:
         drain_s = max(drained_at - last_at, 0.0)
         cpu_drained = self.sampler.cpu_snapshot(self.db_name)
         published_after = self.published_messages(queue)
-        messages = None if published_before is None or published_after is None else published_after - published_before
+        messages, publish_s = ((None, None) if published_before is None or published_after is None else
+                               (published_after[0] - published_before[0], published_after[1] - published_before[1]))
         stored_at_drain, failed = self.count_events(cur, name)
         cpu_load = self.sampler.cpu_between(cpu_start, cpu_load_end, wrk_cpu_s)
         cpu_drain = self.sampler.cpu_between(cpu_load_end, cpu_drained)
         worker_cpu = sum(c.get(r, 0) for c in (cpu_load, cpu_drain) for r in ("worker_pool", "worker_main"))
         pg_cpu = sum(c.get("postgres_backends", 0) for c in (cpu_load, cpu_drain))
+        # The broker servers are shared (the other broker's idle stack, anyone else): an upper bound.
+        redis_cpu = sum(c.get("redis_server", 0) for c in (cpu_load, cpu_drain))
+        rabbitmq_cpu = sum(c.get("rabbitmq_server", 0) for c in (cpu_load, cpu_drain))
         # Requests cut off when wrk stopped may still be stored: let them land before the id check.
         time.sleep(0.5)
         settle = time.monotonic() + 10
@@ -864,9 +964,14 @@ class Bench:
             # Group commit: how many events travel in one message (the API's /metrics, if it has them).
             "messages_published": messages,
             "events_per_message": stored_at_drain / messages if messages else None,
+            # Mean time to publish one group (pending record + message; on RabbitMQ until its confirm).
+            "publish_ms_per_message": 1000 * publish_s / messages if messages else None,
+            "messages_queued_at_load_end": seen["queued"],
             "api_cpu_ms_per_event": 1000 * cpu_load.get("api_worker", 0) / max(accepted, 1),
             "worker_cpu_ms_per_event": 1000 * worker_cpu / max(stored_at_drain, 1),
             "postgres_cpu_ms_per_event": 1000 * pg_cpu / max(stored_at_drain, 1),
+            "redis_cpu_ms_per_event": 1000 * redis_cpu / max(stored_at_drain, 1),
+            "rabbitmq_cpu_ms_per_event": 1000 * rabbitmq_cpu / max(stored_at_drain, 1),
             "cpu_s_load": cpu_load,
             "cpu_s_drain": cpu_drain,
             "latency_ms": result["latency_ms"],
@@ -877,11 +982,15 @@ class Bench:
             "duplicated": duplicated_rows + acked_twice,
             "stored_unacknowledged": unacknowledged_stored,
         }
-        log(f"{self.design} {label}: {figures['accepted_events_per_s']:,.0f} accepted events/s "
+        publish = figures["publish_ms_per_message"]
+        log(f"{self.design}/{self.broker} {label}: {figures['accepted_events_per_s']:,.0f} accepted events/s "
             f"({figures['requests_per_s']:,.0f} req/s), p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms, "
             f"drain {drain_s:.2f}s, e2e {figures['e2e_events_per_s']:,.0f} events/s, stored {stored_rows}, "
             f"CPU ms/event api {figures['api_cpu_ms_per_event']:.2f} workers {figures['worker_cpu_ms_per_event']:.2f} "
-            f"pg {figures['postgres_cpu_ms_per_event']:.2f}, machine busy {cpu_load['machine_busy_pct']}%, "
+            f"pg {figures['postgres_cpu_ms_per_event']:.2f} redis {figures['redis_cpu_ms_per_event']:.2f} "
+            f"rabbitmq {figures['rabbitmq_cpu_ms_per_event']:.2f}"
+            f"{f', publish {publish:.2f} ms/message' if publish is not None else ''}, "
+            f"machine busy {cpu_load['machine_busy_pct']}%, "
             f"foreign load {cpu_load['foreign_cores']} cores, "
             f"accepted {accepted}, lost {lost}, duplicated {figures['duplicated']}, non-202 {result['other']}")
         return figures
@@ -1118,6 +1227,10 @@ def parse_args(argv=None):
     parser.add_argument("--designs", default="intake",
                         help="comma-separated, run in this order: intake, stock (bench/stock/: the design of the "
                              "seeds, on the same loads, after Intake's processes stop)")
+    parser.add_argument("--broker", choices=("redis", "amqp", "both"), default="redis",
+                        help="Celery's broker for every design: redis (the run's Redis db), amqp (RabbitMQ at "
+                             "BENCH_AMQP_URL, a vhost of the run's own; Redis keeps the pending store, rules cache and "
+                             "rate limits), both: each design's stack on each, side by side, the repeats taking turns")
     parser.add_argument("--rate-limit", choices=("on", "off", "both"), default="off",
                         help="per-app rate limit (--rate-limit-value, never reached) on the API; both: one gunicorn "
                              "with and one without, single events on each (alternating), everything else with")
@@ -1138,6 +1251,7 @@ def parse_args(argv=None):
     if not args.designs or set(args.designs) - {"intake", "stock"}:
         parser.error("--designs takes intake and/or stock")
     args.modes = {"on": ["on"], "off": ["off"], "both": ["on", "off"]}[args.rate_limit]
+    args.brokers = {"redis": ["redis"], "amqp": ["amqp"], "both": ["redis", "amqp"]}[args.broker]
     return args
 
 
@@ -1146,31 +1260,44 @@ def raise_interrupt(signum, _frame):
 
 
 def measure(args, design):
-    """Set up one design's stack, run its phases --repeat times, tear it down: (runs, rss)."""
-    bench = Bench(args, design, args.modes)
-    runs = []
+    """Set up one design's stack on each broker (side by side), run its phases --repeat times, the
+    brokers taking turns in alternating order (so that a noisy stretch of the machine hits both
+    alike), tear them down: {broker: (runs, rss, broker config)}."""
+    benches = {broker: Bench(args, design, args.modes, broker) for broker in args.brokers}
+    runs = {broker: [] for broker in benches}
+    conns = []
     try:
-        bench.setup()
-        bench.start_stack()
-        conn = bench.connect()
-        cur = conn.cursor()
-        bench.warm_up(cur)
+        cursors = {}
+        for broker, bench in benches.items():
+            bench.setup()
+            bench.start_stack()
+            conns.append(bench.connect())
+            cursors[broker] = conns[-1].cursor()
+        for broker, bench in benches.items():
+            bench.warm_up(cursors[broker])
         for repeat in range(1, args.repeat + 1):
-            log(f"{design}: run {repeat}/{args.repeat}")
-            runs.append(bench.run_once(cur, repeat))
-        conn.close()
-        return runs, bench.rss_report()
+            for broker in (args.brokers if repeat % 2 else list(reversed(args.brokers))):
+                log(f"{design}/{broker}: run {repeat}/{args.repeat}")
+                runs[broker].append(benches[broker].run_once(cursors[broker], repeat))
+        return {broker: (runs[broker], bench.rss_report(), bench.broker_config()) for broker, bench in benches.items()}
     finally:
         # Ignore further Ctrl-C / SIGTERM while cleaning up, so that nothing is left behind.
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
-        bench.teardown()
+        for conn in conns:
+            try:
+                conn.close()
+            except Exception:
+                pass
+        for bench in benches.values():
+            bench.teardown()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, raise_interrupt)
 
 
-def summarize(args, design, runs, rss, load_before, started):
-    """One design's JSON: medians over the runs, fault counts summed (the fields bench/README.md lists)."""
+def summarize(args, design, runs, rss, broker, load_before, started):
+    """One design's JSON on one broker: medians over the runs, fault counts summed (the fields
+    bench/README.md lists)."""
     summary = median_of(runs)
     summary["ratios"] = median_of([run["ratios"] for run in runs])
     single, batch, otlp = summary["single"], summary["batch"], summary.get("otlp")
@@ -1178,6 +1305,7 @@ def summarize(args, design, runs, rss, load_before, started):
     checked = [single, batch, *extra.values(), *([otlp] if otlp else [])]
     result = {
         "bench": "intake ingestion" if design == "intake" else f"{design} design (bench/{design}/)",
+        "broker": broker["broker"],
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git": git_commit(),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
@@ -1198,7 +1326,8 @@ def summarize(args, design, runs, rss, load_before, started):
                              f"{'one worker for both queues' if args.shared_worker else 'one worker per queue'}",
                    "worker_log_level": args.log_level,
                    # "on": `single`, `batch` and /health ran with the limit; "both": `single_rate_limit_off` without.
-                   "rate_limit": args.rate_limit, "rate_limit_value": args.rate_limit_value},
+                   "rate_limit": args.rate_limit, "rate_limit_value": args.rate_limit_value,
+                   **broker},
         "health_rps": summary["health"]["requests_per_s"],
         "single_accepted_per_s": single["accepted_events_per_s"],
         "single_p50_ms": single["p50_ms"],
@@ -1219,14 +1348,15 @@ def summarize(args, design, runs, rss, load_before, started):
         # Where the CPU goes (ms of CPU per event; /health: per request) and group commit.
         "cpu_ms": {
             "health_api_per_request": summary["health"]["api_cpu_ms_per_request"],
-            "single_per_event": {"api": single["api_cpu_ms_per_event"], "workers": single["worker_cpu_ms_per_event"],
-                                 "postgres": single["postgres_cpu_ms_per_event"]},
-            "batch_per_event": {"api": batch["api_cpu_ms_per_event"], "workers": batch["worker_cpu_ms_per_event"],
-                                "postgres": batch["postgres_cpu_ms_per_event"]},
-            "otlp_per_record": otlp and {"api": otlp["api_cpu_ms_per_event"], "workers": otlp["worker_cpu_ms_per_event"],
-                                         "postgres": otlp["postgres_cpu_ms_per_event"]},
+            "single_per_event": cpu_per_event(single),
+            "batch_per_event": cpu_per_event(batch),
+            "otlp_per_record": otlp and cpu_per_event(otlp),
         },
         "single_events_per_message": single["events_per_message"],
+        "batch_events_per_message": batch["events_per_message"],
+        # Mean time to publish one group: pending record + message (on RabbitMQ: until the confirm).
+        "single_publish_ms_per_message": single["publish_ms_per_message"],
+        "batch_publish_ms_per_message": batch["publish_ms_per_message"],
         "api_worker_peak_rss_mb": rss.get("api_worker_peak_rss_mb"),
         "worker_pool_peak_rss_mb": rss.get("worker_pool_peak_rss_mb"),
         "worker_main_peak_rss_mb": rss.get("worker_main_peak_rss_mb"),
@@ -1254,6 +1384,13 @@ def summarize(args, design, runs, rss, load_before, started):
         result.pop("targets")
     result["correct"] = result["lost"] == 0 and result["duplicated"] == 0 and result["drained"]
     return result
+
+
+def cpu_per_event(phase) -> dict:
+    """CPU ms per stored event by component; the Redis and RabbitMQ servers are shared (upper bounds)."""
+    return {"api": phase["api_cpu_ms_per_event"], "workers": phase["worker_cpu_ms_per_event"],
+            "postgres": phase["postgres_cpu_ms_per_event"], "redis_server": phase["redis_cpu_ms_per_event"],
+            "rabbitmq_server": phase["rabbitmq_cpu_ms_per_event"]}
 
 
 def side_by_side(args, results):
@@ -1315,6 +1452,97 @@ def side_by_side(args, results):
             "designs": designs, "ratios": ratios_, "targets": targets}
 
 
+def broker_comparison(args, results):
+    """Issue 17: each design on each broker, amqp ÷ redis, and Intake's target (single events and
+    batches end to end on RabbitMQ ≥ 0.9 × on Redis): reported, never asserted."""
+    def figures(result):
+        phases = {"single": result["single"], "batch": result["batch"]}
+        return {
+            "single_e2e": result["single_e2e_events_per_s"],
+            "single_e2e_rate_limit_off": (result.get("single_rate_limit_off") or {}).get("e2e_events_per_s"),
+            "batch_e2e": result["batch_e2e_events_per_s"],
+            "otlp_e2e": result["otlp_e2e_records_per_s"],
+            "single_accepted": result["single_accepted_per_s"],
+            "batch_accepted": result["batch_accepted_events_per_s"],
+            "single_p50_ms": result["single_p50_ms"], "single_p99_ms": result["single_p99_ms"],
+            "batch_p50_ms": result["batch_p50_ms"], "batch_p99_ms": result["batch_p99_ms"],
+            "cpu_ms_per_event": {kind: cpu_per_event(phase) for kind, phase in phases.items()},
+            "publish_ms_per_message": {kind: phase["publish_ms_per_message"] for kind, phase in phases.items()},
+            "events_per_message": {kind: phase["events_per_message"] for kind, phase in phases.items()},
+            "messages_queued_at_load_end": {kind: phase["messages_queued_at_load_end"]
+                                            for kind, phase in phases.items()},
+            "drain_s": {kind: phase["drain_s"] for kind, phase in phases.items()},
+            "correct": result["correct"],
+            "foreign_load_cores": result["machine"]["foreign_load_cores"],
+        }
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    compared = {"figures": "events stored per second end to end (single: the main gunicorn, with the rate limit "
+                           "when it ran), p50/p99 of the requests, CPU ms per stored event by component (the Redis "
+                           "and RabbitMQ servers are shared: upper bounds), mean ms to publish one message",
+                "target": AMQP_OVER_REDIS_TARGET}
+    for design, by_broker in results.items():
+        entry = {broker: figures(result) for broker, result in by_broker.items()}
+        if "redis" in entry and "amqp" in entry:
+            redis_, amqp = entry["redis"], entry["amqp"]
+            keys = ("single_e2e", "single_e2e_rate_limit_off", "batch_e2e", "otlp_e2e", "single_accepted",
+                    "batch_accepted")
+            entry["amqp_over_redis"] = {key: ratio(amqp[key], redis_[key]) for key in keys}
+            runs = {broker: by_broker[broker].get("runs") for broker in ("redis", "amqp")}
+            if all(runs.values()):  # each repeat's pair (run one after the other): how much the ratio moves
+                entry["amqp_over_redis"]["per_run"] = {
+                    f"{kind}_e2e": [ratio(a[kind]["e2e_events_per_s"], r[kind]["e2e_events_per_s"])
+                                    for r, a in zip(runs["redis"], runs["amqp"])] for kind in ("single", "batch")}
+        compared[design] = entry
+    if "intake" in results and "stock" in results:
+        compared["intake_over_stock"] = {
+            broker: {"single": ratio(compared["intake"][broker]["single_e2e"], compared["stock"][broker]["single_e2e"]),
+                     "batch": ratio(compared["intake"][broker]["batch_e2e"], compared["stock"][broker]["batch_e2e"])}
+            for broker in args.brokers if broker in compared["intake"] and broker in compared["stock"]}
+    intake_ratios = compared.get("intake", {}).get("amqp_over_redis", {})
+    compared["targets"] = {
+        f"{kind}_e2e_amqp_over_redis": (
+            {"value": intake_ratios[f"{kind}_e2e"], "target": AMQP_OVER_REDIS_TARGET,
+             "meets_target": intake_ratios[f"{kind}_e2e"] >= AMQP_OVER_REDIS_TARGET}
+            if intake_ratios.get(f"{kind}_e2e") is not None else {"value": None})
+        for kind in ("single", "batch")}
+    return compared
+
+
+def comparison_lines(compared) -> list[str]:
+    """The broker comparison in a few lines, for the end of the run."""
+    lines = []
+    for design in ("intake", "stock"):
+        entry = compared.get(design)
+        if not entry or "amqp_over_redis" not in entry:
+            continue
+        ratios_ = entry["amqp_over_redis"]
+        parts = []
+        for kind in ("single", "batch"):
+            value = ratios_[f"{kind}_e2e"]
+            met = "" if design != "intake" or value is None else \
+                f" ({'meets' if value >= AMQP_OVER_REDIS_TARGET else 'misses'} {AMQP_OVER_REDIS_TARGET})"
+            parts.append(f"{kind} e2e {entry['amqp'][f'{kind}_e2e']:,.0f} / {entry['redis'][f'{kind}_e2e']:,.0f} "
+                         f"events/s = {value:.2f}{met}" if value is not None else f"{kind} e2e n/a")
+        lines.append(f"{design} amqp/redis: " + ", ".join(parts))
+        for broker in ("redis", "amqp"):
+            figures = entry[broker]
+            cpu = "; ".join(f"{kind} " + " ".join(f"{k.split('_')[0]} {v:.3f}" for k, v in cost.items()
+                                                  if v is not None)
+                            for kind, cost in figures["cpu_ms_per_event"].items())
+            publish = figures["publish_ms_per_message"]
+            lines.append(f"  {design}/{broker}: p99 single {figures['single_p99_ms']:.1f} ms batch "
+                         f"{figures['batch_p99_ms']:.1f} ms; CPU ms/event {cpu}"
+                         + (f"; publish ms/message single {publish['single']:.2f} batch {publish['batch']:.2f}"
+                            if publish["single"] is not None and publish["batch"] is not None else ""))
+    for broker, value in compared.get("intake_over_stock", {}).items():
+        if value["single"] is not None and value["batch"] is not None:
+            lines.append(f"intake/stock on {broker}: single {value['single']:.2f}, batch {value['batch']:.2f}")
+    return lines
+
+
 def main(argv=None):
     args = parse_args(argv)
     if shutil.which("wrk") is None:
@@ -1326,12 +1554,12 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, raise_interrupt)
     signal.signal(signal.SIGHUP, raise_interrupt)
     started = time.monotonic()
-    results = {}
+    results = {}  # design -> broker -> its JSON
     try:
         for design in args.designs:
             design_started, load_before = time.monotonic(), os.getloadavg()
-            runs, rss = measure(args, design)
-            results[design] = summarize(args, design, runs, rss, load_before, design_started)
+            results[design] = {broker: summarize(args, design, runs, rss, config, load_before, design_started)
+                               for broker, (runs, rss, config) in measure(args, design).items()}
     except KeyboardInterrupt:
         log("interrupted: stopping the stack")
         return 130
@@ -1345,21 +1573,32 @@ def main(argv=None):
 
         log(f"write path: before vs after on {args.write_path} rows per group size")
         write_path = write_path_bench.compare(args.write_path)
-    # The first design's figures at the top level (Intake's by default: the fields the README
-    # quotes), every design's beside it, and the comparison.
-    first = args.designs[0]
-    result = dict(results[first])
+    # The first design's figures on the first broker at the top level (Intake's on Redis by
+    # default: the fields the README quotes), every design's beside it, each with its figures on
+    # the other brokers under "brokers", and the comparisons.
+    first, first_broker = args.designs[0], args.brokers[0]
+    on_first = {}
+    for name, by_broker in results.items():
+        on_first[name] = dict(by_broker[first_broker])
+        if len(by_broker) > 1:
+            on_first[name]["brokers"] = {broker: value for broker, value in by_broker.items() if broker != first_broker}
+    result = on_first[first]
     if len(results) > 1 or args.rate_limit == "both":
-        result["designs"] = {name: value for name, value in results.items() if name != first}
-        result["comparison"] = side_by_side(args, results)
+        result["designs"] = {name: value for name, value in on_first.items() if name != first}
+        result["comparison"] = side_by_side(args, {name: value[first_broker] for name, value in results.items()})
+    compared = broker_comparison(args, results) if len(args.brokers) > 1 else None
+    if compared:
+        result["broker_comparison"] = compared
     result["wall_s"] = time.monotonic() - started
-    result["correct"] = all(value["correct"] for value in results.values())
+    result["correct"] = all(value["correct"] for by_broker in results.values() for value in by_broker.values())
     result["write_path"] = write_path
     result = rounded(result)
     text = json.dumps(result, indent=2)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text + "\n")
     print(text)
+    for line in comparison_lines(result["broker_comparison"]) if compared else ():
+        log(line)
     log(f"wrote {args.output} in {result['wall_s']:.0f}s")
     return 0 if result["correct"] else 1
 

@@ -64,3 +64,53 @@ def test_side_by_side_gives_the_ratios_of_the_issue(tmp_path):
     assert targets["batch_intake_over_stock"]["meets_minimum"] is True
     assert targets["intake_rate_limit_cost"]["meets_target"] is True
     assert Path(args.output).parent == tmp_path
+
+
+def test_the_broker_option_defaults_to_redis_and_both_runs_redis_first():
+    assert run.parse_args([]).brokers == ["redis"]
+    assert run.parse_args(["--broker", "amqp"]).brokers == ["amqp"]
+    assert run.parse_args(["--broker", "both"]).brokers == ["redis", "amqp"]
+    with pytest.raises(SystemExit):
+        run.parse_args(["--broker", "kafka"])
+
+
+def test_broker_comparison_gives_amqp_over_redis_and_the_target(tmp_path):
+    args = run.parse_args(["--designs", "intake,stock", "--broker", "both", "--repeat", "2",
+                           "--output", str(tmp_path / "x")])
+
+    def phase(e2e, publish=None):
+        return {"e2e_events_per_s": e2e, "api_cpu_ms_per_event": 0.5, "worker_cpu_ms_per_event": 0.3,
+                "postgres_cpu_ms_per_event": 0.1, "redis_cpu_ms_per_event": 0.05, "rabbitmq_cpu_ms_per_event": 0.2,
+                "publish_ms_per_message": publish, "events_per_message": 5.0, "messages_queued_at_load_end": 3,
+                "drain_s": 0.5}
+
+    def result(single, batch, runs=None):
+        return {"single_e2e_events_per_s": single, "batch_e2e_events_per_s": batch, "otlp_e2e_records_per_s": None,
+                "single_accepted_per_s": single, "batch_accepted_events_per_s": batch, "single_p50_ms": 5.0,
+                "single_p99_ms": 20.0, "batch_p50_ms": 30.0, "batch_p99_ms": 90.0, "single": phase(single, 2.0),
+                "batch": phase(batch, 9.0), "correct": True, "machine": {"foreign_load_cores": {}},
+                "runs": runs}
+
+    def runs(*pairs):
+        return [{"single": {"e2e_events_per_s": s}, "batch": {"e2e_events_per_s": b}} for s, b in pairs]
+
+    compared = run.broker_comparison(args, {
+        "intake": {"redis": result(1000, 40000, runs((1000, 40000), (900, 42000))),
+                   "amqp": result(950, 34000, runs((800, 34000), (990, 36000)))},
+        "stock": {"redis": result(400, 16000), "amqp": result(300, 16000)}})
+    intake = compared["intake"]["amqp_over_redis"]
+    assert intake["single_e2e"] == 0.95 and intake["batch_e2e"] == 0.85
+    assert intake["per_run"]["single_e2e"] == [0.8, 1.1]
+    assert compared["stock"]["amqp_over_redis"]["single_e2e"] == 0.75
+    assert "per_run" not in compared["stock"]["amqp_over_redis"]
+    assert compared["intake"]["amqp"]["cpu_ms_per_event"]["single"] == {
+        "api": 0.5, "workers": 0.3, "postgres": 0.1, "redis_server": 0.05, "rabbitmq_server": 0.2}
+    assert compared["intake"]["redis"]["publish_ms_per_message"] == {"single": 2.0, "batch": 9.0}
+    assert compared["intake_over_stock"]["amqp"] == {"single": 950 / 300, "batch": 34000 / 16000}
+    targets = compared["targets"]
+    assert targets["single_e2e_amqp_over_redis"] == {"value": 0.95, "target": 0.9, "meets_target": True}
+    assert targets["batch_e2e_amqp_over_redis"]["meets_target"] is False
+    lines = run.comparison_lines(compared)
+    assert lines[0] == ("intake amqp/redis: single e2e 950 / 1,000 events/s = 0.95 (meets 0.9), "
+                        "batch e2e 34,000 / 40,000 events/s = 0.85 (misses 0.9)")
+    assert any(line.startswith("intake/stock on amqp: single 3.17") for line in lines)
