@@ -9,6 +9,7 @@ import orjson
 import sqlalchemy as sa
 from flask import current_app
 
+from app import publisher
 from app.errors import ApiError
 from app.events import record_failures, store_events
 from app.extensions import db, with_reconnect
@@ -132,7 +133,7 @@ def replay_failed_events(app_id: str, ids=None) -> dict:
     if count == 0:
         return {"status": "accepted", "replaying": 0, "task_id": None}
     try:
-        task = current_app.extensions["celery"].send_task(REPLAY_TASK, args=[app_id, ids])
+        task = publisher.send_task(REPLAY_TASK, [app_id, ids])
     except Exception as error:
         log.warning("could not queue a replay for app %s: %s", app_id, type(error).__name__)
         raise ApiError(503, "queue_unavailable", "The task queue is unavailable; nothing was replayed. Retry shortly.",
@@ -204,7 +205,7 @@ def replay(app_id: str, ids: list[str] | None = None, after_id: str = "", time_b
 
 def continue_replay(app_id: str, ids: list[str] | None, after_id: str) -> None:
     """Hand the rest of a replay that ran out of time to a fresh message."""
-    current_app.extensions["celery"].send_task(REPLAY_TASK, args=[app_id, ids], kwargs={"after_id": after_id})
+    publisher.send_task(REPLAY_TASK, [app_id, ids], kwargs={"after_id": after_id})
 
 
 def _app_is_live(app_id) -> bool:
@@ -225,7 +226,7 @@ def schedule_app_deletion(app_id: str) -> dict:
     if not marked:
         raise ApiError(404, "app_not_found", "There is no app with this id.")
     try:
-        task_id = current_app.extensions["celery"].send_task(DELETE_TASK, args=[app_id]).id
+        task_id = publisher.send_task(DELETE_TASK, [app_id]).id
     except Exception as error:
         # The mark is the durable record: the periodic resume_app_deletions starts the work.
         log.warning("could not queue the deletion of app %s (%s); the periodic resume will", app_id,
@@ -303,7 +304,7 @@ def _delete_chunk(connection, table: str, column: str) -> sa.TextClause:
 
 def continue_app_deletion(app_id: str) -> None:
     """Hand the rest of a deletion that ran out of time to a fresh message."""
-    current_app.extensions["celery"].send_task(DELETE_TASK, args=[app_id])
+    publisher.send_task(DELETE_TASK, [app_id])
 
 
 def resume_app_deletions(limit: int = 100) -> int:
@@ -312,7 +313,6 @@ def resume_app_deletions(limit: int = 100) -> int:
         sa.select(App.id).where(App.deleted_at.is_not(None)).order_by(App.deleted_at).limit(limit)
     ).all()
     db.session.commit()
-    celery = current_app.extensions["celery"]
     for app_id in app_ids:
-        celery.send_task(DELETE_TASK, args=[app_id])
+        publisher.send_task(DELETE_TASK, [app_id])
     return len(app_ids)

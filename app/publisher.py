@@ -26,6 +26,14 @@ log = logging.getLogger(__name__)
 TASK_FOR_QUEUE = {"default": "intake.persist_events", "batch_processing": "intake.persist_batch"}
 
 
+def send_task(name: str, args: list, **options):
+    """Queue one other task (mail, replay, deletion) with this app's Celery, the broker's confirm awaited as for events."""
+    # Without a confirm_timeout a RabbitMQ that never confirms would hold the caller for ever.
+    return current_app.extensions["celery"].send_task(
+        name, args=args, confirm_timeout=current_app.config["INGEST_PUBLISH_TIMEOUT"], **options
+    )
+
+
 class QueueUnavailable(Exception):
     """The broker (or the pending store beside it) did not take the events."""
 

@@ -202,6 +202,17 @@ def rabbit(test_environment):
 
 
 @pytest.fixture
+def rabbit_proxy(rabbit):
+    """The run's RabbitMQ vhost behind a proxy the test can freeze, stop and start."""
+    from tests.broker_proxy import BrokerProxy
+
+    proxy = BrokerProxy(rabbit.port).start()
+    yield proxy
+    proxy.thaw()
+    proxy.stop()
+
+
+@pytest.fixture
 def broker_app(broker, app):
     """The app as the test's processes run it: on the test's broker (the session's app is on Redis)."""
     if broker.name == "redis":

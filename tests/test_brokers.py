@@ -1,9 +1,13 @@
 """Broker settings: what changes on RabbitMQ (celery_config.AMQP_SETTINGS) and what stays."""
+import threading
+import time
+
 import pytest
 from celery.worker.consumer import Consumer
 
 import celery_config
 from app.amqp_consumer import DELAYED_DELIVERY, IntakeConsumer
+from tests.conftest import VHOST
 from tests.private_redis import isolated_app
 
 
@@ -41,3 +45,29 @@ def test_the_worker_consumer_keeps_every_step_of_celerys_but_delayed_delivery():
     assert DELAYED_DELIVERY in Consumer.Blueprint.default_steps
     assert IntakeConsumer.Blueprint.default_steps == [
         step for step in Consumer.Blueprint.default_steps if step != DELAYED_DELIVERY]
+
+
+def test_a_rabbitmq_that_never_confirms_holds_no_other_publish_for_ever(rabbit_proxy, test_environment):
+    """Mail, replays and deletions wait for the confirm as events do: at most INGEST_PUBLISH_TIMEOUT a try."""
+    from app import lifecycle
+
+    flask_app = isolated_app({"REDIS_URL": test_environment["REDIS_URL"], "CELERY_BROKER_URL": rabbit_proxy.url(VHOST),
+                              "INGEST_PUBLISH_TIMEOUT": 1.0})
+    outcome = {}
+
+    def publish():
+        with flask_app.app_context():
+            lifecycle.continue_app_deletion("no-such-app")  # connects and declares while the broker answers
+            rabbit_proxy.freeze()
+            started = time.monotonic()
+            try:
+                lifecycle.continue_app_deletion("no-such-app")
+            except Exception as error:
+                outcome["error"] = error
+            outcome["took"] = time.monotonic() - started
+
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "the publish waited for a confirm that never came"
+    assert "error" in outcome and outcome["took"] < 5  # a try and kombu's one retry (task_publish_retry_policy)

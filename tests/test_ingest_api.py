@@ -652,17 +652,6 @@ def test_frozen_broker_that_recovers_stores_nothing_the_client_was_refused(other
 # --- RabbitMQ: publisher confirms ---------------------------------------------------------
 
 
-@pytest.fixture
-def rabbit_proxy(rabbit):
-    """The run's RabbitMQ vhost behind a proxy the test can freeze, stop and start."""
-    from tests.broker_proxy import BrokerProxy
-
-    proxy = BrokerProxy(rabbit.port).start()
-    yield proxy
-    proxy.thaw()
-    proxy.stop()
-
-
 def test_rabbitmq_that_does_not_confirm_is_503_and_keeps_nothing_refused(other_apps, rabbit, rabbit_proxy, app_key,
                                                                           redis, test_environment):
     app_id, key = app_key

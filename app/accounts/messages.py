@@ -1,9 +1,10 @@
 """Account mail (verification and reset codes), rendered from templates/mail/ and sent by the `emails` queue."""
 import logging
 
-from flask import current_app, render_template
+from flask import render_template
 from kombu.exceptions import OperationalError
 
+from app import publisher
 from app.accounts import codes
 from app.errors import ApiError
 
@@ -27,7 +28,7 @@ def queue_code_mail(to: str, purpose: str, code: str) -> None:
         # This Flask app's own Celery app, by task name (routed to `emails`): the task proxy would use
         # whichever Celery app is current, and would finalize it. No publish retries inside a
         # request: the client is told at once and may retry.
-        current_app.extensions["celery"].send_task(SEND_EMAIL, args=[to, SUBJECTS[purpose], text, html], retry=False)
+        publisher.send_task(SEND_EMAIL, [to, SUBJECTS[purpose], text, html], retry=False)
     except (OperationalError, OSError) as error:
         log.warning("account mail not queued: %s", type(error).__name__)  # never the address or the code
         raise ApiError(503, "queue_unavailable", "The mail queue is unavailable; nothing was changed. Retry shortly.",
