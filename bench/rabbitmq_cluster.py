@@ -51,7 +51,7 @@ import requests
 if __package__ in (None, ""):  # run as a script: make `bench` importable like under pytest
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.run import PENDING_BODIES, Bench, BenchError, Process, free_port, log  # noqa: E402
+from bench.run import PENDING_BODIES, Bench, BenchError, Process, free_port, log, rounded  # noqa: E402
 from celery_config import QUEUES  # noqa: E402
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
@@ -580,16 +580,6 @@ def keep_logs(bench: Bench, cluster: Cluster, folder: Path):
     for node in cluster.nodes:
         (folder / f"{node.name.split('@')[0]}.log").write_text(cluster.node_output(node, tail=None))
     log(f"logs kept in {folder}")
-
-
-def rounded(value):
-    if isinstance(value, float):
-        return round(value, 3)
-    if isinstance(value, dict):
-        return {k: rounded(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [rounded(v) for v in value]
-    return value
 
 
 def main(argv=None) -> dict:
