@@ -161,7 +161,8 @@ class RabbitBroker:
         self._on_queues(queues, lambda channel, q: channel.queue_purge(q))
 
     def declared(self, queue) -> bool:
-        return self._on_queues([queue], lambda channel, q: channel.queue_declare(q, passive=True) and True) == [True]
+        """Some worker or publisher has declared the queue (a passive declare finds it)."""
+        return self._on_queues([queue], lambda channel, q: channel.queue_declare(q, passive=True) is not None) == [True]
 
     def clean(self):
         self.lose(*PERSISTENCE_QUEUES)
@@ -188,10 +189,8 @@ def _delete_vhost_at_the_end():
 def broker(request, test_environment):
     """Each broker Intake supports in turn, for the end-to-end tests that run on both (README "Brokers")."""
     if request.param == "redis":
-        yield RedisBroker(test_environment["REDIS_URL"])
-        return
-    yield _rabbit_broker()
-    _rabbit.clean()
+        return RedisBroker(test_environment["REDIS_URL"])
+    return request.getfixturevalue("rabbit")
 
 
 @pytest.fixture

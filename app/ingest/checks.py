@@ -27,7 +27,6 @@ LEVELS = {
     "fatal": "critical",
 }
 MAX_FUTURE = timedelta(minutes=10)
-MAX_FUTURE_US = MAX_FUTURE // timedelta(microseconds=1)
 # Epoch numbers at least this large are milliseconds (as seconds they would be year 5138+).
 EPOCH_MS_THRESHOLD = 1e11
 LONG_DIGITS = re.compile(rb"\d{19}")
@@ -182,6 +181,7 @@ def _reserved_refusal(problems: list) -> ApiError:
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MICROSECOND = timedelta(microseconds=1)
+MAX_FUTURE_US = MAX_FUTURE // MICROSECOND
 
 
 def _epoch_us(moment: datetime) -> int:
