@@ -16,14 +16,13 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from flask import current_app
-from kombu import serialization
 
 from app import logs, metrics
 from app.pending import RedisPendingStore
+from app.task_messages import TASK_FOR_QUEUE, AmqpTaskMessages, RedisTaskMessages
+from celery_config import is_amqp
 
 log = logging.getLogger(__name__)
-
-TASK_FOR_QUEUE = {"default": "intake.persist_events", "batch_processing": "intake.persist_batch"}
 
 
 def send_task(name: str, args: list, **options):
@@ -38,54 +37,6 @@ class QueueUnavailable(Exception):
     """The broker (or the pending store beside it) did not take the events."""
 
 
-class TaskMessages:
-    """Celery task messages as kombu's Redis transport pushes them, built by Celery's and kombu's own code.
-
-    The publisher sends such a message in the same MULTI/EXEC as the group's pending record:
-    one round trip instead of two, and none of kombu's per-publish set-up (a Redis client per
-    message). Publishing a 4-event group costs about 0.25 ms of CPU instead of 0.65 (README "Throughput").
-    """
-
-    def __init__(self, celery_app):
-        self.celery = celery_app
-        self._channel = None
-        self._pid = None
-        self._lock = threading.Lock()
-
-    def _get_channel(self):
-        # Opened on first use in each process (one PING): gunicorn forks after the factory.
-        if self._pid != os.getpid():
-            with self._lock:
-                if self._pid != os.getpid():
-                    self._channel = self.celery.connection_for_write().default_channel
-                    self._pid = os.getpid()
-        return self._channel
-
-    def redis_commands(self, queue_name: str, task_id: str, args: list, headers: dict) -> list[tuple]:
-        """The Redis commands (an LPUSH) that `send_task` would run for this task message."""
-        channel = self._get_channel()
-        task_headers, properties, body, _ = self.celery.amqp.as_task_v2(
-            task_id, TASK_FOR_QUEUE[queue_name], args=args, reply_to=self.celery.thread_oid, ignore_result=None
-        )
-        task_headers.update(headers)
-        content_type, encoding, data = serialization.dumps(body, serializer=self.celery.conf.task_serializer)
-        properties["delivery_mode"] = 2  # persistent, as Celery publishes by default
-        message = channel.prepare_message(data, None, content_type, encoding, task_headers, properties)
-        collected = _CommandCollector()
-        # kombu's own routing and encoding, handing back the commands instead of running them
-        # (the hook its PublishBatch uses).
-        channel.basic_publish(message, exchange="", routing_key=queue_name, _publish_batch=collected)
-        return collected.commands
-
-
-class _CommandCollector:
-    def __init__(self):
-        self.commands = []
-
-    def add(self, name, *args):
-        self.commands.append((name, args))
-
-
 class Publisher:
     def __init__(self, celery_app, pending, *, window_ms: float, max_events: int, timeout: float):
         self.celery = celery_app
@@ -95,7 +46,9 @@ class Publisher:
         # back, so with one set the message goes through send_task.
         same_redis = isinstance(pending, RedisPendingStore) and celery_app.conf.broker_url == pending.url
         prefixed = (celery_app.conf.broker_transport_options or {}).get("global_keyprefix")
-        self.messages = TaskMessages(celery_app) if same_redis and not prefixed else None
+        self.messages = RedisTaskMessages(celery_app) if same_redis and not prefixed else None
+        # On RabbitMQ each publishing thread sends on a confirmed channel of its own.
+        self.amqp_messages = AmqpTaskMessages(celery_app, timeout) if is_amqp(celery_app.conf.broker_url) else None
         self.window = window_ms / 1000
         self.max_events = max_events
         self.timeout = timeout
@@ -137,7 +90,10 @@ class Publisher:
     def send(self, queue_name: str, group_id: str, request_ids: list[str] = ()) -> None:
         """Publish the message that makes a worker store a pending group."""
         # On RabbitMQ the publish waits for the broker's confirm (celery_config.AMQP_SETTINGS),
-        # at most as long as a request waits for it; other transports ignore confirm_timeout.
+        # at most as long as a request waits for it.
+        if self.amqp_messages is not None:
+            self.amqp_messages.publish(queue_name, group_id, [group_id], _headers(request_ids))
+            return
         self.celery.send_task(
             TASK_FOR_QUEUE[queue_name], args=[group_id], task_id=group_id, queue=queue_name,
             headers=_headers(request_ids) or None, confirm_timeout=self.timeout,

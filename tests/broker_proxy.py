@@ -26,10 +26,11 @@ class BrokerProxy:
         return self
 
     def stop(self):
-        """Close the port and every connection through it: a broker that went down."""
-        # shutdown() first: close() alone leaves the accept() blocked in the other thread listening.
-        self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
+        """Close the port and every connection through it: a broker that went down (again: nothing)."""
+        if self.listener.fileno() != -1:
+            # shutdown() first: close() alone leaves the accept() blocked in the other thread listening.
+            self.listener.shutdown(socket.SHUT_RDWR)
+            self.listener.close()
         with self.lock:
             for sock in self.sockets:
                 try:
