@@ -183,8 +183,19 @@ class QueueDepthCollector:
         return None  # another broker: use its own exporter
 
 
-def _amqp_queue_counts(url: str) -> dict[str, int]:
-    """RabbitMQ: the messages ready in each queue (passive declares), a queue no worker has declared yet left out."""
+def _amqp_queue_counts(broker_url: str) -> dict[str, int]:
+    """RabbitMQ: the messages ready in each queue (passive declares), from the first node of a failover list that answers."""
+    nodes = broker_url.split(";")
+    for node in nodes[:-1]:
+        try:
+            return _amqp_node_queue_counts(node)
+        except Exception as error:
+            log.info("queue depth: %s did not answer (%s), trying the next node", node.rsplit("@", 1)[-1], error)
+    return _amqp_node_queue_counts(nodes[-1])
+
+
+def _amqp_node_queue_counts(url: str) -> dict[str, int]:
+    """One node's answer; a queue no worker has declared yet is left out."""
     timeouts = {"read_timeout": 0.5, "write_timeout": 0.5}  # a hung broker must not hang the scrape
     counts = {}
     with Connection(url, connect_timeout=0.5, transport_options=timeouts) as connection:

@@ -116,9 +116,10 @@ class AmqpTaskMessages:
         if getattr(local, "channel", None) is None:
             connection = self.celery.connection_for_write(connect_timeout=self.timeout)
             local.connection = connection
-            # At most two quick attempts: kombu's default retries for ever, which would hold the
-            # thread (and every request behind it) while the broker is down.
-            connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=self.timeout)
+            # Each node of a failover list once, and no pause: kombu's default retries for ever,
+            # which would hold the thread (and every request behind it) while the broker is down.
+            nodes = len(self.celery.conf.broker_url.split(";"))
+            connection.ensure_connection(max_retries=nodes, interval_start=0, interval_step=0, timeout=self.timeout)
             channel = connection.default_channel
             # Declared as the workers declare them (quorum queues), as send_task would: a
             # message to a queue nobody has declared yet would be confirmed and dropped.

@@ -71,3 +71,20 @@ def test_a_rabbitmq_that_never_confirms_holds_no_other_publish_for_ever(rabbit_p
     thread.join(20)
     assert not thread.is_alive(), "the publish waited for a confirm that never came"
     assert "error" in outcome and outcome["took"] < 5  # a try and kombu's one retry (task_publish_retry_policy)
+
+
+def test_queue_depth_on_a_failover_list_comes_from_the_first_node_that_answers(app, rabbit):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from app.metrics import QueueDepthCollector
+    from app.task_messages import AmqpTaskMessages
+    from tests.conftest import free_port
+
+    AmqpTaskMessages(isolated_app({"CELERY_BROKER_URL": rabbit.url}).extensions["celery"], timeout=5).publish(
+        "default", "g-1", ["g-1"], {})
+    app.extensions["celery"].set_default()
+    down = f"amqp://guest:guest@127.0.0.1:{free_port()}/{VHOST}"
+    registry = CollectorRegistry()
+    registry.register(QueueDepthCollector({"CELERY_BROKER_URL": f"{down};{rabbit.url}", "BROKER_FOLDER": None}))
+    text = generate_latest(registry).decode()
+    assert "intake_broker_up 1.0" in text and 'intake_queue_depth{queue="default"} 1.0' in text
