@@ -9,7 +9,7 @@ through kombu so that any broker answers: is the queue empty.
 import logging
 
 from app import worker_threads
-from app.publisher import TASK_FOR_QUEUE
+from app.task_messages import TASK_FOR_QUEUE
 
 log = logging.getLogger(__name__)
 

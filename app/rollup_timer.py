@@ -18,20 +18,15 @@ QUEUE = "batch_processing"  # the workers of this queue build the rollups
 REFRESH_INTERVAL = 30.0  # seconds between folds in each of them (rollups current within 2 minutes)
 
 
-def consumes(worker, queue: str = QUEUE) -> bool:
-    """The worker consumes `queue` (what -Q selected, less -X; every queue without -Q)."""
-    return queue in worker.app.amqp.queues.consume_from
-
-
-def refresh_app(app) -> dict:
-    """One fold with the app's database; none if another run holds the fold lock."""
-    with app.app_context():
-        return rollups.refresh(wait=False)
+def consumes(worker) -> bool:
+    """The worker consumes QUEUE (what -Q selected, less -X; every queue without -Q)."""
+    return QUEUE in worker.app.amqp.queues.consume_from
 
 
 def fold_and_log(app) -> None:
-    """One fold, and a log line when it rolled anything up."""
-    result = refresh_app(app)
+    """One fold (none if another run holds the fold lock), and a log line when it rolled anything up."""
+    with app.app_context():
+        result = rollups.refresh(wait=False)
     if result["events_rolled_up"]:
         log.info("rollup fold: %d event(s) rolled up", result["events_rolled_up"])
 
