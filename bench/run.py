@@ -49,6 +49,7 @@ import urllib.request
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg2
 import redis as redis_lib
@@ -61,6 +62,7 @@ ADMIN_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.
 REDIS_BASE = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
 # RabbitMQ for --broker amqp: each design's stack gets a vhost of its own (rabbitmqctl, as root).
 AMQP_BASE = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672").rstrip("/")
+AMQP_USER = urlsplit(AMQP_BASE).username or "guest"
 BROKER_QUEUES = ("default", "batch_processing")
 RUN_ID = uuid.uuid4().hex[:10]
 DB_NAME = f"intake_bench_{RUN_ID}"
@@ -183,6 +185,35 @@ def rabbitmqctl(*args) -> str:
     if result.returncode != 0:
         raise BenchError(f"rabbitmqctl {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result.stdout
+
+
+def claim_redis_db() -> int:
+    """A free Redis db number (1-15), claimed for an hour."""
+    # The same claim keys as tests/conftest.py, so a test run and a bench never share a db.
+    control = redis_lib.Redis.from_url(f"{REDIS_BASE}/0", socket_connect_timeout=3)
+    for number in range(1, 16):
+        if control.set(f"intake:test-run:db:{number}", f"bench-{RUN_ID}", nx=True, ex=3600):
+            return number
+    raise BenchError("no free Redis db number (1-15)")
+
+
+def release_redis_db(number: int):
+    """Give back a number claim_redis_db claimed."""
+    redis_lib.Redis.from_url(f"{REDIS_BASE}/0").delete(f"intake:test-run:db:{number}")
+
+
+def await_health(web: Process, url: str, deadline: float):
+    """Wait until gunicorn at `url` answers /health with 200."""
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if not web.alive() or time.monotonic() > deadline:
+            raise BenchError(f"gunicorn did not start:\n{web.output()[-3000:]}")
+        time.sleep(0.2)
 
 
 def free_port() -> int:
@@ -393,10 +424,10 @@ class Bench:
         self.modes = list(modes)  # rate limit "on" / "off": one gunicorn each, the first is the main one
         self.broker = broker  # Celery's broker: "redis" (the claimed db) or "amqp" (a RabbitMQ vhost of its own)
         self.webs = {}  # mode -> base URL
-        self.db_name = DB_NAME if design == "intake" else f"{DB_NAME}_{design}"
-        self.db_name += "_amqp" if broker == "amqp" else ""
+        name = DB_NAME if design == "intake" else f"{DB_NAME}_{design}"
+        self.db_name = f"{name}_amqp" if broker == "amqp" else name
         self.database_url = ADMIN_URL.rsplit("/", 1)[0] + "/" + self.db_name
-        self.vhost = self.db_name.removesuffix("_amqp") if broker == "amqp" else None
+        self.vhost = name if broker == "amqp" else None
         self.vhost_created = False
         self.broker_url = None
         self.amqp = None  # connection for queue depths (passive queue_declare)
@@ -425,22 +456,13 @@ class Bench:
         finally:
             conn.close()
 
-    def claim_redis_db(self) -> int:
-        # The same claim keys as tests/conftest.py, so a test run and a bench never share a db.
-        control = redis_lib.Redis.from_url(f"{REDIS_BASE}/0", socket_connect_timeout=3)
-        for number in range(1, 16):
-            if control.set(f"intake:test-run:db:{number}", f"bench-{RUN_ID}", nx=True, ex=3600):
-                return number
-        raise BenchError("no free Redis db number (1-15)")
-
     def create_vhost(self) -> str:
         """A RabbitMQ vhost for this stack (guest may use it): the broker URL on it."""
         if shutil.which("rabbitmqctl") is None:
             raise BenchError("--broker amqp needs rabbitmqctl (RabbitMQ's CLI, run as root) to make a vhost")
-        user = AMQP_BASE.split("://", 1)[1].split("@", 1)[0].split(":", 1)[0] if "@" in AMQP_BASE else "guest"
         rabbitmqctl("add_vhost", self.vhost)
         self.vhost_created = True
-        rabbitmqctl("set_permissions", "-p", self.vhost, user, ".*", ".*", ".*")
+        rabbitmqctl("set_permissions", "-p", self.vhost, AMQP_USER, ".*", ".*", ".*")
         url = f"{AMQP_BASE}/{self.vhost}"
         try:
             with BrokerConnection(url, connect_timeout=3) as conn:
@@ -464,7 +486,7 @@ class Bench:
         log(f"{self.design}/{self.broker}: creating database {self.db_name}")
         self.admin(f'CREATE DATABASE "{self.db_name}"')
         self.db_created = True
-        self.redis_number = self.claim_redis_db()
+        self.redis_number = claim_redis_db()
         redis_url = f"{REDIS_BASE}/{self.redis_number}"
         self.redis = redis_lib.Redis.from_url(redis_url)
         self.redis.flushdb()
@@ -560,16 +582,7 @@ class Bench:
                                       self.env, self.tmp))
         deadline = time.monotonic() + 60
         for web, url in zip(webs, self.webs.values()):
-            while True:
-                try:
-                    with urllib.request.urlopen(url + "/health", timeout=1) as response:
-                        if response.status == 200:
-                            break
-                except OSError:
-                    pass
-                if not web.alive() or time.monotonic() > deadline:
-                    raise BenchError(f"gunicorn did not start:\n{web.output()[-3000:]}")
-                time.sleep(0.2)
+            await_health(web, url, deadline)
         if self.args.log_level.upper() in ("INFO", "DEBUG"):
             for worker in workers:
                 worker.wait_for_output(" ready.", count=expected_ready, timeout=90)
@@ -648,8 +661,7 @@ class Bench:
             log(f"deleted vhost {self.vhost}")
         if self.redis_number is not None:
             attempt(f"flushing Redis db {self.redis_number}", self.redis.flushdb)
-            attempt("releasing the Redis db claim", lambda: redis_lib.Redis.from_url(f"{REDIS_BASE}/0").delete(
-                f"intake:test-run:db:{self.redis_number}"))
+            attempt("releasing the Redis db claim", lambda: release_redis_db(self.redis_number))
             self.redis_number = None
         if self.db_created:
             attempt(f"dropping {self.db_name}",
@@ -906,11 +918,14 @@ class Bench:
         stored_at_drain, failed = self.count_events(cur, name)
         cpu_load = self.sampler.cpu_between(cpu_start, cpu_load_end, wrk_cpu_s)
         cpu_drain = self.sampler.cpu_between(cpu_load_end, cpu_drained)
-        worker_cpu = sum(c.get(r, 0) for c in (cpu_load, cpu_drain) for r in ("worker_pool", "worker_main"))
-        pg_cpu = sum(c.get("postgres_backends", 0) for c in (cpu_load, cpu_drain))
+
+        def used(*roles):
+            """CPU seconds of these roles during the load and the drain."""
+            return sum(c.get(r, 0) for c in (cpu_load, cpu_drain) for r in roles)
+
+        worker_cpu, pg_cpu = used("worker_pool", "worker_main"), used("postgres_backends")
         # The broker servers are shared (the other broker's idle stack, anyone else): an upper bound.
-        redis_cpu = sum(c.get("redis_server", 0) for c in (cpu_load, cpu_drain))
-        rabbitmq_cpu = sum(c.get("rabbitmq_server", 0) for c in (cpu_load, cpu_drain))
+        redis_cpu, rabbitmq_cpu = used("redis_server"), used("rabbitmq_server")
         # Requests cut off when wrk stopped may still be stored: let them land before the id check.
         time.sleep(0.5)
         settle = time.monotonic() + 10
@@ -1393,6 +1408,22 @@ def cpu_per_event(phase) -> dict:
             "rabbitmq_server": phase["rabbitmq_cpu_ms_per_event"]}
 
 
+def ratio(a, b):
+    """a / b, or None when either is missing (or b is 0)."""
+    return a / b if a is not None and b else None
+
+
+def verdict(value, target, minimum=None, at_most=False):
+    """A reported target: the value, the bound(s) and whether it meets them."""
+    if value is None:
+        return {"value": None}
+    meets = (lambda bound: value <= bound) if at_most else (lambda bound: value >= bound)
+    entry = {"value": value, "target": target, "meets_target": meets(target)}
+    if minimum is not None:
+        entry.update(minimum=minimum, meets_minimum=meets(minimum))
+    return entry
+
+
 def side_by_side(args, results):
     """The issue 15 figures of each design, their ratios and the targets (reported, never asserted)."""
     def figures(result):
@@ -1410,9 +1441,6 @@ def side_by_side(args, results):
             "foreign_load_cores": result["machine"]["foreign_load_cores"],
         }
 
-    def ratio(a, b):
-        return a / b if a is not None and b else None
-
     designs = {name: figures(result) for name, result in results.items()}
     intake, stock = designs.get("intake"), designs.get("stock")
     single_key = "single_e2e_rate_limit_on" if args.rate_limit != "off" else "single_e2e_rate_limit_off"
@@ -1427,16 +1455,6 @@ def side_by_side(args, results):
         ratios_["single_intake_over_stock"] = ratio(intake[single_key], stock[single_key])
         ratios_["batch_intake_over_stock"] = ratio(intake["batch_e2e"], stock["batch_e2e"])
     limit_on = args.rate_limit != "off"
-
-    def verdict(value, target, minimum=None, at_most=False):
-        if value is None:
-            return {"value": None}
-        meets = (lambda bound: value <= bound) if at_most else (lambda bound: value >= bound)
-        entry = {"value": value, "target": target, "meets_target": meets(target)}
-        if minimum is not None:
-            entry.update(minimum=minimum, meets_minimum=meets(minimum))
-        return entry
-
     targets = {
         "single_intake_over_stock": verdict(ratios_.get("single_intake_over_stock"), 2.5, 2.0),
         "batch_intake_over_stock": verdict(ratios_.get("batch_intake_over_stock"), 2.5, 2.0),
@@ -1476,9 +1494,6 @@ def broker_comparison(args, results):
             "foreign_load_cores": result["machine"]["foreign_load_cores"],
         }
 
-    def ratio(a, b):
-        return a / b if a is not None and b else None
-
     compared = {"figures": "events stored per second end to end (single: the main gunicorn, with the rate limit "
                            "when it ran), p50/p99 of the requests, CPU ms per stored event by component (the Redis "
                            "and RabbitMQ servers are shared: upper bounds), mean ms to publish one message",
@@ -1502,12 +1517,9 @@ def broker_comparison(args, results):
                      "batch": ratio(compared["intake"][broker]["batch_e2e"], compared["stock"][broker]["batch_e2e"])}
             for broker in args.brokers if broker in compared["intake"] and broker in compared["stock"]}
     intake_ratios = compared.get("intake", {}).get("amqp_over_redis", {})
-    compared["targets"] = {
-        f"{kind}_e2e_amqp_over_redis": (
-            {"value": intake_ratios[f"{kind}_e2e"], "target": AMQP_OVER_REDIS_TARGET,
-             "meets_target": intake_ratios[f"{kind}_e2e"] >= AMQP_OVER_REDIS_TARGET}
-            if intake_ratios.get(f"{kind}_e2e") is not None else {"value": None})
-        for kind in ("single", "batch")}
+    compared["targets"] = {f"{kind}_e2e_amqp_over_redis": verdict(intake_ratios.get(f"{kind}_e2e"),
+                                                                  AMQP_OVER_REDIS_TARGET)
+                           for kind in ("single", "batch")}
     return compared
 
 
