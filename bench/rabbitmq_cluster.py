@@ -34,24 +34,24 @@ import pwd
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import psycopg2
 import requests
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable like under pytest
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.run import PENDING_BODIES, Bench, BenchError, Process, free_port, log, rounded  # noqa: E402
+from bench.run import (Bench, BenchError, Process, await_health, free_port, log, raise_interrupt,  # noqa: E402
+                       rounded)
 from celery_config import QUEUES  # noqa: E402
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
@@ -87,8 +87,8 @@ def rabbitmqctl(node: str, *args, timeout=60, check=True) -> str:
 class Cluster:
     """Three (or `size`) RabbitMQ nodes of this run, clustered, each in a folder of its own."""
 
-    def __init__(self, size=3, run_id=None):
-        self.run_id = run_id or uuid.uuid4().hex[:6]
+    def __init__(self, size=3):
+        self.run_id = uuid.uuid4().hex[:6]
         self.folder = Path(tempfile.mkdtemp(prefix=f"intake-rabbit-{self.run_id}-"))
         self.nodes = [Node(f"intake-c{i}-{self.run_id}@localhost", free_port(), free_port(),
                            self.folder / f"c{i}") for i in range(1, size + 1)]
@@ -346,16 +346,7 @@ def start_stack(bench: Bench, cluster: Cluster) -> list[Process]:
         "-c", "2", "-n", f"cluster-{cluster.run_id}@%h", "--loglevel", "INFO",
         "--without-gossip", "--without-mingle"], env, bench.tmp))
     bench.base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if requests.get(bench.base_url + "/health", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        if not web.alive() or time.monotonic() > deadline:
-            raise BenchError(f"gunicorn did not start:\n{web.output()[-3000:]}")
-        time.sleep(0.2)
+    await_health(web, bench.base_url, time.monotonic() + 60)
     worker.wait_for_output(" ready.", timeout=60)
     bench.probe([worker], timeout=60)  # an event and a batch through both queues, stored
     return [web, worker]
@@ -393,31 +384,28 @@ def choose_victim(cluster: Cluster, leaders: dict, victim: str) -> Node:
     raise BenchError("no follower to stop")
 
 
-def stored_events(bench: Bench) -> list[str]:
-    conn = psycopg2.connect(bench.database_url)
-    try:
-        cursor = conn.cursor()
-        cursor.execute("SELECT event_id FROM events WHERE app_id = %s AND event_name = %s", (bench.app_id, EVENT_NAME))
-        return [row[0] for row in cursor.fetchall()]
-    finally:
-        conn.close()
-
-
 def wait_stored(bench: Bench, accepted: set, timeout: float) -> tuple[list[str], dict]:
     """Poll until every accepted event is stored and nothing is pending any more (so nothing
     can still arrive: a refused event stored late would be seen); (stored ids, seconds each took)."""
     started = time.monotonic()
     took = {"all_accepted_stored_s": None, "pending_empty_s": None}
-    while True:
-        stored = stored_events(bench)
-        elapsed = time.monotonic() - started
-        if took["all_accepted_stored_s"] is None and accepted <= set(stored):
-            took["all_accepted_stored_s"] = elapsed
-        if took["pending_empty_s"] is None and bench.redis.hlen(PENDING_BODIES) == 0:
-            took["pending_empty_s"] = elapsed
-        if None not in took.values() or elapsed > timeout:
-            return stored, took
-        time.sleep(0.25)
+    conn = bench.connect()
+    try:
+        cursor = conn.cursor()
+        while True:
+            cursor.execute("SELECT event_id FROM events WHERE app_id = %s AND event_name = %s",
+                           (bench.app_id, EVENT_NAME))
+            stored = [row[0] for row in cursor.fetchall()]
+            elapsed = time.monotonic() - started
+            if took["all_accepted_stored_s"] is None and accepted <= set(stored):
+                took["all_accepted_stored_s"] = elapsed
+            if took["pending_empty_s"] is None and bench.pending_count() == 0:
+                took["pending_empty_s"] = elapsed
+            if None not in took.values() or elapsed > timeout:
+                return stored, took
+            time.sleep(0.25)
+    finally:
+        conn.close()
 
 
 def percentile(values, q):
@@ -445,8 +433,8 @@ def refusal_runs(answers) -> dict:
             run.append(answer)
             continue
         # From the earliest sending of a refused request to the last refusal: how long a client saw no 202.
-        if run and run[-1].answered - min(a.sent for a in run) > longest["seconds"]:
-            first_sent = min(a.sent for a in run)
+        first_sent = min((a.sent for a in run), default=None)
+        if run and run[-1].answered - first_sent > longest["seconds"]:
             longest = {"seconds": run[-1].answered - first_sent, "answers": len(run),
                        "from_s": first_sent, "to_s": run[-1].answered}
         run = []
@@ -459,12 +447,10 @@ def summarize(answers, stored, stop_at, stream_end, drain: dict) -> dict:
     sent_ids = [i for a in answers for i in a.event_ids]
     accepted = {i for a in answers for i in a.accepted_ids}
     refused = {i for a in answers if a.status != "202" for i in a.event_ids}
-    counts: dict[str, int] = {}
-    for i in stored:
-        counts[i] = counts.get(i, 0) + 1
-    by_status: dict[str, int] = {}
+    counts = Counter(stored)
+    by_status = Counter()
     for a in answers:
-        by_status[a.status] = by_status.get(a.status, 0) + len(a.event_ids)
+        by_status[a.status] += len(a.event_ids)
     missing = accepted - counts.keys()
     duplicated = [i for i, n in counts.items() if n > 1]
     after = [a for a in answers if a.sent >= stop_at]
@@ -521,7 +507,7 @@ def longest_task_gap(process: Process) -> float | None:
 def run(args) -> dict:
     started = time.monotonic()
     bench = Bench(argparse.Namespace(log_level="INFO", keep_logs=False))
-    cluster = Cluster(run_id=uuid.uuid4().hex[:6])
+    cluster = Cluster()
     try:
         # The database, Redis db and app are made while the nodes boot (both take ~15-25 s).
         in_parallel(cluster.start, bench.setup)
@@ -589,10 +575,6 @@ def main(argv=None) -> dict:
     result["wall_s"] = round(time.monotonic() - started, 1)
     print(json.dumps(result), flush=True)
     return result
-
-
-def raise_interrupt(signum, _frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":
