@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -27,12 +26,9 @@ import redis as redis_lib
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-AMQP_BASE = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672").rstrip("/")
-REDIS_BASE = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
 
-
-def rabbitmqctl(*args):
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+from bench.run import (ADMIN_URL, AMQP_BASE, AMQP_USER, REDIS_BASE, claim_redis_db, rabbitmqctl,  # noqa: E402
+                       release_redis_db)
 
 
 def event(app_id: str, n: int) -> dict:
@@ -50,13 +46,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--sizes", default="4,100", help="events per group, comma-separated")
     args = parser.parse_args(argv)
     vhost = f"intake_ledger_{uuid.uuid4().hex[:8]}"
-    control = redis_lib.Redis.from_url(f"{REDIS_BASE}/0")
-    number = next(n for n in range(1, 16) if control.set(f"intake:bench-ledger:db:{n}", vhost, nx=True, ex=3600))
+    number = claim_redis_db()
     redis_url = f"{REDIS_BASE}/{number}"
     rabbitmqctl("add_vhost", vhost)
-    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    os.environ.update({"REDIS_URL": redis_url, "CELERY_BROKER_URL": f"{AMQP_BASE}/{vhost}",
-                       "DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/postgres"})
+    rabbitmqctl("set_permissions", "-p", vhost, AMQP_USER, ".*", ".*", ".*")
+    os.environ.update({"REDIS_URL": redis_url, "CELERY_BROKER_URL": f"{AMQP_BASE}/{vhost}", "DATABASE_URL": ADMIN_URL})
     try:
         from app import create_app
 
@@ -97,7 +91,7 @@ def main(argv=None) -> dict:
     finally:
         rabbitmqctl("delete_vhost", vhost)
         redis_lib.Redis.from_url(redis_url).flushdb()
-        control.delete(f"intake:bench-ledger:db:{number}")
+        release_redis_db(number)
     print(json.dumps(results, indent=2))
     return results
 
