@@ -2,7 +2,7 @@
 import socket
 import threading
 
-from tests.conftest import free_port
+from tests.conftest import VHOST, free_port
 
 
 class BrokerProxy:
@@ -17,8 +17,10 @@ class BrokerProxy:
         self.sockets = []
         self.lock = threading.Lock()
 
-    def url(self, vhost: str) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/{vhost}"
+    @property
+    def url(self) -> str:
+        """The run's vhost, through the proxy."""
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/{VHOST}"
 
     def start(self):
         self.listener = socket.create_server(("127.0.0.1", self.port), reuse_port=True)

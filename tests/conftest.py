@@ -117,9 +117,6 @@ class RedisBroker:
         """Drop the waiting messages, as a broker that lost them."""
         self.client.delete(*queues)
 
-    def clean(self):
-        pass  # clean_state empties the whole db
-
 
 class RabbitBroker:
     """RabbitMQ as the broker: this run's vhost, made on first use and deleted at the end."""
@@ -168,21 +165,12 @@ class RabbitBroker:
         self.lose(*PERSISTENCE_QUEUES)
 
 
-_rabbit = None
-
-
-def _rabbit_broker() -> RabbitBroker:
-    global _rabbit
-    if _rabbit is None:
-        _rabbit = RabbitBroker().create()
-    return _rabbit
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _delete_vhost_at_the_end():
-    yield
-    if _rabbit is not None:
-        _rabbit.delete()
+@pytest.fixture(scope="session")
+def rabbit_vhost(test_environment):
+    """This run's RabbitMQ vhost: made when a test first needs it, deleted at the end of the run."""
+    rabbit = RabbitBroker().create()
+    yield rabbit
+    rabbit.delete()
 
 
 @pytest.fixture(params=["redis", "amqp"])
@@ -194,10 +182,10 @@ def broker(request, test_environment):
 
 
 @pytest.fixture
-def rabbit(test_environment):
+def rabbit(rabbit_vhost):
     """RabbitMQ only: this run's vhost, its queues purged afterwards."""
-    yield _rabbit_broker()
-    _rabbit.clean()
+    yield rabbit_vhost
+    rabbit_vhost.clean()
 
 
 @pytest.fixture

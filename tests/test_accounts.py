@@ -343,11 +343,16 @@ def test_the_cli_makes_argon2_hashes_that_log_in(runner, client):
     assert client.post("/api/auth/login", json={"email": "cli@example.com", "password": PASSWORD}).status_code == 200
 
 
-def test_a_queue_that_refuses_the_mail_is_503_and_makes_nothing(app, client, redis, monkeypatch):
+def refuse_the_mail(app, monkeypatch):
+    """From now on the queue refuses every task message, as a broker that is down."""
     def refuse(*args, **kwargs):
         raise OperationalError("broker down")
 
     monkeypatch.setattr(app.extensions["celery"], "send_task", refuse)
+
+
+def test_a_queue_that_refuses_the_mail_is_503_and_makes_nothing(app, client, redis, monkeypatch):
+    refuse_the_mail(app, monkeypatch)
     assert_error(register(client), 503, "queue_unavailable")
     assert counts() == (0, 0, 0)
     assert register(client).status_code == 503  # and a retry is not a 409
@@ -357,11 +362,7 @@ def test_forgot_is_202_for_an_account_even_when_the_queue_refuses_the_mail(app, 
     register(client)
     mails_before = len(queued_mails(redis))
     codes_before = sql("SELECT count(*) FROM account_codes")[0][0]
-
-    def refuse(*args, **kwargs):
-        raise OperationalError("broker down")
-
-    monkeypatch.setattr(app.extensions["celery"], "send_task", refuse)
+    refuse_the_mail(app, monkeypatch)
     known = client.post("/api/auth/password/forgot", json={"email": "ada@example.com"})
     unknown = client.post("/api/auth/password/forgot", json={"email": "nobody@example.com"})
     # A 503 for known addresses only would tell who has an account.

@@ -7,7 +7,7 @@ from celery.worker.consumer import Consumer
 
 import celery_config
 from app.amqp_consumer import DELAYED_DELIVERY, IntakeConsumer
-from tests.conftest import VHOST
+from tests.conftest import VHOST, free_port
 from tests.private_redis import isolated_app
 
 
@@ -51,7 +51,7 @@ def test_a_rabbitmq_that_never_confirms_holds_no_other_publish_for_ever(rabbit_p
     """Mail, replays and deletions wait for the confirm as events do: at most INGEST_PUBLISH_TIMEOUT a try."""
     from app import lifecycle
 
-    flask_app = isolated_app({"REDIS_URL": test_environment["REDIS_URL"], "CELERY_BROKER_URL": rabbit_proxy.url(VHOST),
+    flask_app = isolated_app({"REDIS_URL": test_environment["REDIS_URL"], "CELERY_BROKER_URL": rabbit_proxy.url,
                               "INGEST_PUBLISH_TIMEOUT": 1.0})
     outcome = {}
 
@@ -73,16 +73,14 @@ def test_a_rabbitmq_that_never_confirms_holds_no_other_publish_for_ever(rabbit_p
     assert "error" in outcome and outcome["took"] < 5  # a try and kombu's one retry (task_publish_retry_policy)
 
 
-def test_queue_depth_on_a_failover_list_comes_from_the_first_node_that_answers(app, rabbit):
+def test_queue_depth_on_a_failover_list_comes_from_the_first_node_that_answers(rabbit):
     from prometheus_client import CollectorRegistry, generate_latest
 
     from app.metrics import QueueDepthCollector
     from app.task_messages import AmqpTaskMessages
-    from tests.conftest import free_port
 
     AmqpTaskMessages(isolated_app({"CELERY_BROKER_URL": rabbit.url}).extensions["celery"], timeout=5).publish(
         "default", "g-1", ["g-1"], {})
-    app.extensions["celery"].set_default()
     down = f"amqp://guest:guest@127.0.0.1:{free_port()}/{VHOST}"
     registry = CollectorRegistry()
     registry.register(QueueDepthCollector({"CELERY_BROKER_URL": f"{down};{rabbit.url}", "BROKER_FOLDER": None}))

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from app.config import Config
+from tests.conftest import sql
 
 STATIC = Path(__file__).resolve().parent.parent / "app"
 PASSWORD = "a long enough secret"
@@ -207,7 +208,6 @@ def key_shown(answer) -> str | None:
 def shown_once(client, answer, app_id):
     """The POST redirected to the key page, which shows the app's key the first time only, never cached."""
     from app.rules import hash_api_key
-    from tests.conftest import sql
 
     # POST-redirect-GET: the page a reload repeats is a GET that changes nothing.
     assert answer.status_code in (302, 303) and answer.headers["Location"] == f"/console/apps/{app_id}/key"
@@ -221,8 +221,6 @@ def shown_once(client, answer, app_id):
 
 
 def test_a_new_key_is_shown_once_and_a_reload_neither_creates_nor_rotates_again(client, signed_in):
-    from tests.conftest import sql
-
     csrf = form_token(client, "/console/apps")
     created = client.post("/console/apps", data={"name": "shop", "csrf_token": csrf})
     app_id = sql("SELECT id FROM apps")[0][0]

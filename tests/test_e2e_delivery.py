@@ -250,6 +250,12 @@ def _pool_children(worker) -> list[int]:
         return []
 
 
+def _lock_waits() -> int:
+    """Backends of this run's database (other than the asking one) waiting for a lock."""
+    return sql("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+               " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()")[0][0]
+
+
 def test_a_group_whose_write_kills_its_process_is_split_and_the_killer_kept_as_failed(broker, stack, broker_app,
                                                                                       make_app, redis):
     """Real deaths: the pool process dies (SIGKILL, as the OOM killer or the hard time limit do) mid-write."""
@@ -274,16 +280,12 @@ def test_a_group_whose_write_kills_its_process_is_split_and_the_killer_kept_as_f
         kills, deadline = 0, time.monotonic() + 90
         while not sql("SELECT 1 FROM failed_events WHERE app_id = %s AND event_id = 'k-1'", app_id):
             assert time.monotonic() < deadline, f"no failed event after {kills} kills:\n{worker.output()[-3000:]}"
-            waiting = sql("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                          " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()")[0][0]
-            if waiting:
+            if _lock_waits():
                 for pid in _pool_children(worker):
                     os.kill(pid, signal.SIGKILL)
                 kills += 1
                 # The dead backend's lock wait ends with its connection; then the next delivery.
-                wait_until(lambda: not sql("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                                           " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()")[0][0],
-                           timeout=10, interval=0.05, message="the killed write gone")
+                wait_until(lambda: not _lock_waits(), timeout=10, interval=0.05, message="the killed write gone")
             time.sleep(0.1)
     finally:
         holder.rollback()

@@ -7,6 +7,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from tests.conftest import free_port, wait_until
+from tests.private_redis import isolated_app
 
 
 class Inbox:
@@ -139,9 +140,9 @@ def our_log(caplog) -> str:
 
 def send_eagerly(controller):
     """Run the send_email task in this process (eager: its retries follow at once); its result."""
-    from app import create_app, tasks
+    from app import tasks
 
-    app = create_app({"MAIL_SERVER": "127.0.0.1", "MAIL_PORT": controller.port, "MAIL_USE_TLS": False})
+    app = isolated_app({"MAIL_SERVER": "127.0.0.1", "MAIL_PORT": controller.port, "MAIL_USE_TLS": False})
     with app.app_context():
         return tasks.send_email.apply(args=[ADDRESS, "Your code", "Code: 123456"])
 

@@ -14,7 +14,8 @@ import pytest
 import redis as redis_lib
 
 from app import events
-from tests.conftest import VHOST, free_port, sql, wait_until
+from tests.conftest import free_port, sql, wait_until
+from tests.private_redis import isolated_app
 
 BODIES = "intake:pending:bodies"
 QUEUES = ("default", "batch_processing")
@@ -474,15 +475,6 @@ def test_batch_errors_before_parsing_leave_nothing(client, app_key, redis):
 # --- broker unavailable -------------------------------------------------------------------
 
 
-@pytest.fixture
-def other_apps(app):
-    """Build extra Flask apps; afterwards the suite's own Celery app is the default again."""
-    from tests.private_redis import isolated_app
-
-    yield isolated_app
-    app.extensions["celery"].set_default()
-
-
 def assert_503_fast(client, app_id, key, batch=False):
     started = time.monotonic()
     response = post(client, app_id, key, [{"event_name": "a"}] if batch else {"event_name": "a"}, batch=batch)
@@ -492,10 +484,10 @@ def assert_503_fast(client, app_id, key, batch=False):
     assert elapsed < 2, f"503 took {elapsed:.2f}s"
 
 
-def test_broker_down_is_503_within_two_seconds(other_apps, app_key, redis):
+def test_broker_down_is_503_within_two_seconds(app_key, redis):
     app_id, key = app_key
     closed = f"redis://127.0.0.1:{free_port()}/0"
-    down = other_apps({"REDIS_URL": closed, "CELERY_BROKER_URL": closed})
+    down = isolated_app({"REDIS_URL": closed, "CELERY_BROKER_URL": closed})
     client = down.test_client()
     for _ in range(2):
         assert_503_fast(client, app_id, key)
@@ -503,10 +495,10 @@ def test_broker_down_is_503_within_two_seconds(other_apps, app_key, redis):
     assert_nothing_left(redis)
 
 
-def test_broker_down_with_pending_store_up_is_503_and_leaves_no_record(other_apps, app_key, redis, test_environment):
+def test_broker_down_with_pending_store_up_is_503_and_leaves_no_record(app_key, redis, test_environment):
     app_id, key = app_key
     closed = f"redis://127.0.0.1:{free_port()}/0"
-    down = other_apps({"REDIS_URL": test_environment["REDIS_URL"], "CELERY_BROKER_URL": closed})
+    down = isolated_app({"REDIS_URL": test_environment["REDIS_URL"], "CELERY_BROKER_URL": closed})
     client = down.test_client()
     assert_503_fast(client, app_id, key)
     assert_503_fast(client, app_id, key, batch=True)
@@ -559,12 +551,11 @@ def private_redis(tmp_path):
 
 
 @pytest.mark.parametrize("what", ["broker-and-pending-store", "broker-only"])
-def test_broker_outage_and_recovery_without_restart(other_apps, private_redis, app_key, redis, test_environment,
-                                                    what):
+def test_broker_outage_and_recovery_without_restart(private_redis, app_key, redis, test_environment, what):
     app_id, key = app_key
     broker = private_redis.start()
     pending_url = private_redis.url if what == "broker-and-pending-store" else test_environment["REDIS_URL"]
-    flask_app = other_apps({"REDIS_URL": pending_url, "CELERY_BROKER_URL": private_redis.url})
+    flask_app = isolated_app({"REDIS_URL": pending_url, "CELERY_BROKER_URL": private_redis.url})
     client = flask_app.test_client()
 
     first = post(client, app_id, key, {"event_name": "before"})
@@ -608,10 +599,9 @@ def hanging_broker():
         connection.close()
 
 
-def test_hanging_broker_is_503_within_two_seconds_and_leaves_nothing(other_apps, hanging_broker, app_key, redis,
-                                                                      test_environment):
+def test_hanging_broker_is_503_within_two_seconds_and_leaves_nothing(hanging_broker, app_key, redis, test_environment):
     app_id, key = app_key
-    hung = other_apps({"REDIS_URL": test_environment["REDIS_URL"], "CELERY_BROKER_URL": hanging_broker})
+    hung = isolated_app({"REDIS_URL": test_environment["REDIS_URL"], "CELERY_BROKER_URL": hanging_broker})
     client = hung.test_client()
     assert_503_fast(client, app_id, key)
     assert_503_fast(client, app_id, key, batch=True)
@@ -620,20 +610,20 @@ def test_hanging_broker_is_503_within_two_seconds_and_leaves_nothing(other_apps,
     assert_nothing_left(redis)
 
 
-def test_hanging_pending_store_is_503_within_two_seconds(other_apps, hanging_broker, app_key, redis):
+def test_hanging_pending_store_is_503_within_two_seconds(hanging_broker, app_key, redis):
     app_id, key = app_key
-    hung = other_apps({"REDIS_URL": hanging_broker, "CELERY_BROKER_URL": hanging_broker})
+    hung = isolated_app({"REDIS_URL": hanging_broker, "CELERY_BROKER_URL": hanging_broker})
     client = hung.test_client()
     assert_503_fast(client, app_id, key)
     assert_503_fast(client, app_id, key, batch=True)
     assert_nothing_left(redis)
 
 
-def test_frozen_broker_that_recovers_stores_nothing_the_client_was_refused(other_apps, private_redis, app_key, redis,
+def test_frozen_broker_that_recovers_stores_nothing_the_client_was_refused(private_redis, app_key, redis,
                                                                            test_environment):
     app_id, key = app_key
     private_redis.start()
-    frozen = other_apps({"REDIS_URL": test_environment["REDIS_URL"], "CELERY_BROKER_URL": private_redis.url})
+    frozen = isolated_app({"REDIS_URL": test_environment["REDIS_URL"], "CELERY_BROKER_URL": private_redis.url})
     client = frozen.test_client()
     assert post(client, app_id, key, {"event_name": "warm-up"}).status_code == 202
     redis.delete(BODIES, *(f"intake:pending:{kind}:default" for kind in ("due", "flight", "accepted")))
@@ -652,10 +642,10 @@ def test_frozen_broker_that_recovers_stores_nothing_the_client_was_refused(other
 # --- RabbitMQ: publisher confirms ---------------------------------------------------------
 
 
-def test_rabbitmq_that_does_not_confirm_is_503_and_keeps_nothing_refused(other_apps, rabbit, rabbit_proxy, app_key,
-                                                                          redis, test_environment):
+def test_rabbitmq_that_does_not_confirm_is_503_and_keeps_nothing_refused(rabbit_proxy, app_key, redis,
+                                                                          test_environment):
     app_id, key = app_key
-    flask_app = other_apps({"REDIS_URL": test_environment["REDIS_URL"], "CELERY_BROKER_URL": rabbit_proxy.url(VHOST)})
+    flask_app = isolated_app({"REDIS_URL": test_environment["REDIS_URL"], "CELERY_BROKER_URL": rabbit_proxy.url})
     client = flask_app.test_client()
     warm_up = post(client, app_id, key, {"event_name": "warm-up"})
     assert warm_up.status_code == 202  # confirmed by the broker
@@ -674,10 +664,9 @@ def test_rabbitmq_that_does_not_confirm_is_503_and_keeps_nothing_refused(other_a
     assert set(redis.hkeys(BODIES)) == {warm_up_id, after.get_json()["task_id"].encode()}
 
 
-def test_rabbitmq_down_is_503_and_back_without_restart(other_apps, rabbit, rabbit_proxy, app_key, redis,
-                                                       test_environment):
+def test_rabbitmq_down_is_503_and_back_without_restart(rabbit, rabbit_proxy, app_key, test_environment):
     app_id, key = app_key
-    flask_app = other_apps({"REDIS_URL": test_environment["REDIS_URL"], "CELERY_BROKER_URL": rabbit_proxy.url(VHOST)})
+    flask_app = isolated_app({"REDIS_URL": test_environment["REDIS_URL"], "CELERY_BROKER_URL": rabbit_proxy.url})
     client = flask_app.test_client()
     assert post(client, app_id, key, {"event_name": "before"}).status_code == 202
 

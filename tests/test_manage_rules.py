@@ -132,10 +132,10 @@ def test_a_schema_the_validator_cannot_run_is_refused_on_every_write(client, own
                                ("PATCH", url, {"schema": schema})):
         response = client.open(path, method=method, json=body, headers=owner)
         assert response.status_code == 422, (method, response.get_data(as_text=True))
-        body = response.get_json()
-        assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}
-        assert body["error"]["code"] == "invalid_request" and body["error"]["message"]
-        [detail] = body["error"]["details"]
+        answer = response.get_json()
+        assert set(answer) == {"error"} and set(answer["error"]) == {"code", "message", "details"}
+        assert answer["error"]["code"] == "invalid_request" and answer["error"]["message"]
+        [detail] = answer["error"]["details"]
         assert detail["path"] == "/schema" and reason in detail["message"], detail
     assert sql("SELECT * FROM rules") == before
     assert client.get(shop[2], headers=owner).get_json() == {"rules": [rule]}

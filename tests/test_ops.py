@@ -3,8 +3,7 @@ import time
 
 import pytest
 
-from tests.broker_proxy import BrokerProxy
-from tests.conftest import VHOST, free_port
+from tests.conftest import free_port
 from tests.private_redis import PrivateRedis, SilentServer, isolated_app
 
 
@@ -32,14 +31,14 @@ def test_ready_when_database_and_broker_answer(client):
 
 
 @pytest.fixture
-def broker_to_stop(broker, tmp_path):
+def broker_to_stop(request, broker, tmp_path):
     """(a server the test can stop and start, the settings that make it the broker): on each broker."""
-    if broker.name == "redis":
-        server = PrivateRedis(tmp_path).start()
-        yield server, {"REDIS_URL": server.url, "CELERY_BROKER_URL": server.url}
-    else:
-        server = BrokerProxy(broker.port).start()  # in front of the run's RabbitMQ vhost
-        yield server, {"CELERY_BROKER_URL": server.url(VHOST)}
+    if broker.name == "amqp":
+        proxy = request.getfixturevalue("rabbit_proxy")
+        yield proxy, {"CELERY_BROKER_URL": proxy.url}
+        return
+    server = PrivateRedis(tmp_path).start()
+    yield server, {"REDIS_URL": server.url, "CELERY_BROKER_URL": server.url}
     server.stop()
 
 

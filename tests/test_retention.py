@@ -3,10 +3,9 @@ import json
 import threading
 import time
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 from app import events, retention, rollups
-from tests.conftest import sql
+from tests.conftest import ROOT, sql
 from tests.test_persistence import make_event
 
 UTC = timezone.utc
@@ -193,7 +192,7 @@ def test_the_lifecycle_jobs_are_on_beat_and_call_the_cli_functions(ctx):
 def test_the_readme_beat_table_is_the_schedule():
     import celery_config
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     section = readme.split("### Beat schedule", 1)[1].split("\n#", 1)[0]
     rows = {}
     for line in section.splitlines():

@@ -7,21 +7,17 @@ import pytest
 from kombu import Connection
 
 from app.task_messages import AmqpTaskMessages
-from tests.conftest import VHOST
+from tests.private_redis import isolated_app
+
+
+def celery_on(url):
+    """The Celery app of a Flask app of the test's own, on the broker at `url`."""
+    return isolated_app({"CELERY_BROKER_URL": url}).extensions["celery"]
 
 
 @pytest.fixture
-def amqp_celery(rabbit, other_celery):
-    return other_celery(rabbit.url)
-
-
-@pytest.fixture
-def other_celery(app):
-    """The Celery app of a Flask app on another broker; afterwards the suite's own is the default again."""
-    from tests.private_redis import isolated_app
-
-    yield lambda url: isolated_app({"CELERY_BROKER_URL": url}).extensions["celery"]
-    app.extensions["celery"].set_default()
+def amqp_celery(rabbit):
+    return celery_on(rabbit.url)
 
 
 def taken(rabbit, queue):
@@ -64,8 +60,8 @@ def test_each_thread_publishes_on_a_connection_of_its_own(amqp_celery, rabbit):
     assert len({id(c) for c in connections}) == 3 and rabbit.depth("default") == 3
 
 
-def test_a_confirm_that_never_comes_fails_in_time_and_its_connection_is_dropped(other_celery, rabbit, rabbit_proxy):
-    messages = AmqpTaskMessages(other_celery(rabbit_proxy.url(VHOST)), timeout=0.5)
+def test_a_confirm_that_never_comes_fails_in_time_and_its_connection_is_dropped(rabbit_proxy):
+    messages = AmqpTaskMessages(celery_on(rabbit_proxy.url), timeout=0.5)
     messages.publish("default", "g-1", ["g-1"], {})
     first = messages._local.connection
     rabbit_proxy.freeze()
@@ -80,8 +76,8 @@ def test_a_confirm_that_never_comes_fails_in_time_and_its_connection_is_dropped(
     assert messages._local.connection is not first
 
 
-def test_a_broker_that_restarted_since_the_last_publish_costs_no_error(other_celery, rabbit, rabbit_proxy):
-    messages = AmqpTaskMessages(other_celery(rabbit_proxy.url(VHOST)), timeout=2)
+def test_a_broker_that_restarted_since_the_last_publish_costs_no_error(rabbit, rabbit_proxy):
+    messages = AmqpTaskMessages(celery_on(rabbit_proxy.url), timeout=2)
     messages.publish("default", "g-1", ["g-1"], {})
     rabbit_proxy.stop()
     rabbit_proxy.start()
@@ -89,8 +85,8 @@ def test_a_broker_that_restarted_since_the_last_publish_costs_no_error(other_cel
     assert rabbit.depth("default") == 2
 
 
-def test_a_broker_that_is_down_fails_the_publish_in_time(other_celery, rabbit, rabbit_proxy):
-    messages = AmqpTaskMessages(other_celery(rabbit_proxy.url(VHOST)), timeout=0.5)
+def test_a_broker_that_is_down_fails_the_publish_in_time(rabbit_proxy):
+    messages = AmqpTaskMessages(celery_on(rabbit_proxy.url), timeout=0.5)
     messages.publish("default", "g-1", ["g-1"], {})
     rabbit_proxy.stop()
     started = time.monotonic()
