@@ -185,7 +185,7 @@ class Cluster:
         return sorted(status.get("running_nodes", []))
 
     def _await_running(self, count: int, deadline: float):
-        while (running := self.running_nodes(self.nodes[0])) and len(running) < count:
+        while len(running := self.running_nodes(self.nodes[0])) < count:
             if time.monotonic() > deadline:
                 raise BenchError(f"only {running} running after the joins")
             time.sleep(0.5)
