@@ -123,10 +123,17 @@ def rejected(reason) -> float:
 
 
 def mapped(log_record, max_depth=10, **export_kwargs):
-    """(event, event_id) of one record, mapped as the route maps it."""
+    """(the event as the app's rules see it, event_id) of one record, mapped as the route maps it."""
     (item,) = otlp.log_records(export(log_record, **export_kwargs))
-    event, reserved, _ = RecordMapper(max_depth).event(item)
-    return event, reserved["event_id"]
+    mapper = RecordMapper(max_depth)
+    payload, reserved, _ = mapper.event(item)
+    return mapper.seen_by_rules(payload, reserved), reserved["event_id"]
+
+
+def stored_payload(log_record, **export_kwargs) -> dict:
+    """The payload stored for one record."""
+    (item,) = otlp.log_records(export(log_record, **export_kwargs))
+    return RecordMapper(10).event(item)[0]
 
 
 def reserved_of(log_record, **export_kwargs) -> dict:
@@ -229,6 +236,9 @@ def test_the_payload_and_reserved_fields_follow_the_contract_table():
         "user_id": 42,
     }
     assert event_id.startswith("otlp-") and len(event_id) <= 128
+    # Stored: the table's payload alone; the four reserved fields are the event's own columns.
+    assert stored_payload(log_record, resource={"service.name": "shop", "host.cpus": 4}) == {
+        key: value for key, value in event.items() if key not in ("event_name", "level", "timestamp", "user_id")}
     # What the checks take: the name and user id as the event has them, the time as epoch µs.
     assert reserved_of(log_record, resource={"service.name": "shop", "host.cpus": 4}) == {
         "event_id": event_id, "event_name": "checkout.paid", "level": "info", "user_id": 42,
@@ -364,6 +374,19 @@ def test_refused_records_give_a_partial_success_naming_the_reasons_and_are_count
     assert rejected("invalid_json") == nan + 2 and rejected("validation_failed") == invalid + 2
     groups = [json.loads(redis.hget("intake:pending:bodies", m[1]))["events"] for m in queued(redis, "batch_processing")]
     assert [[e["payload"]["body"] for e in events] for events in groups] == [["fine", "hello"]] * 2
+
+
+def test_rules_see_the_reserved_fields_that_the_stored_payload_leaves_to_the_columns(client, make_app, redis):
+    app_id, key = make_app(rules=[{"name": "errors of users", "action": "reject", "event_name": "log", "schema": {
+        "required": ["event_name", "level", "timestamp", "user_id"], "properties": {"level": {"const": "error"}}}}])
+    request = export(record(body="info", severity_number=9, attributes={"user.id": "u1"}),
+                     record(body="error", severity_number=17, attributes={"user.id": "u1"}))
+    assert ok_response(post(client, app_id, key, request)).partial_success.rejected_log_records == 1
+    (message,) = queued(redis, "batch_processing")
+    (event,) = json.loads(redis.hget("intake:pending:bodies", message[1]))["events"]
+    assert (event["payload"]["body"], event["event_name"], event["level"], event["user_id"]) == ("error", "log",
+                                                                                               "error", "u1")
+    assert not {"event_name", "level", "timestamp", "user_id"} & event["payload"].keys()
 
 
 def test_reserved_field_problems_refuse_the_record_with_the_json_routes_details(client, app, app_key, redis):

@@ -314,9 +314,13 @@ def check_event(entry: AppEntry, event, *, max_depth: int, received_at: datetime
     return assemble_event(entry, reserved_fields(event, received_at), event, received_at)
 
 
-def assemble_event(entry: AppEntry, fields: dict, event: dict, received_at: datetime) -> dict:
-    """Run the app's rules on an event whose reserved fields are checked; return it as it travels to the workers."""
-    fields["validation"] = apply_rules(entry, fields["event_name"], event)
+def assemble_event(entry: AppEntry, fields: dict, event: dict, received_at: datetime,
+                   seen_by_rules: dict | None = None) -> dict:
+    """Run the app's rules on an event whose reserved fields are checked; return it as it travels to the workers.
+
+    `event` is the payload stored; the rules see `seen_by_rules` instead when it is given (OTLP).
+    """
+    fields["validation"] = apply_rules(entry, fields["event_name"], event if seen_by_rules is None else seen_by_rules)
     fields["app_id"] = entry.id
     fields["received_at"] = _epoch_us(received_at)
     fields["payload"] = event

@@ -136,7 +136,7 @@ class RecordMapper:
         self._second, self._second_text = None, ""
 
     def event(self, item: tuple) -> tuple[dict, dict, bytes]:
-        """(the event for the rules, its reserved fields for typed_reserved_fields, the payload's canonical JSON)."""
+        """(the payload as stored, its reserved fields for typed_reserved_fields, the payload's canonical JSON)."""
         resource, scope, record = item
         body = record.body  # unset: an empty AnyValue, which _value reads as None
         payload = {
@@ -162,17 +162,22 @@ class RecordMapper:
         # time nothing tells two identical records apart, so such records are not deduplicated.
         event_id = EVENT_ID_PREFIX + hashlib.sha256(canonical).hexdigest() if nanos else None
         attributes = payload["attributes"]
-        event = payload  # the rules see the payload with the reserved fields added at its top level
-        event["event_name"] = name = _event_name(record, attributes)
-        event["level"] = level = _level(record.severity_number, payload["severity_text"])
-        if nanos:
-            event["timestamp"] = self._iso(nanos)
-        user_id = _user_id(attributes)
-        if user_id is not None:
-            event["user_id"] = user_id
-        reserved = {"event_id": event_id, "event_name": name, "level": level, "user_id": user_id,
+        reserved = {"event_id": event_id, "event_name": _event_name(record, attributes),
+                    "level": _level(record.severity_number, payload["severity_text"]), "user_id": _user_id(attributes),
                     "timestamp_us": nanos // 1000 if nanos else None}  # None: the time received
-        return event, reserved, canonical
+        return payload, reserved, canonical
+
+    def seen_by_rules(self, payload: dict, reserved: dict) -> dict:
+        """What the app's rules see: the payload with the reserved fields added at its top level (API.md)."""
+        # Only for an app with rules: the stored payload is the contract's table alone (the
+        # reserved fields are the event's own columns), 100 bytes a record less to carry and store.
+        seen = {**payload, "event_name": reserved["event_name"], "level": reserved["level"]}
+        nanos = payload["time_unix_nano"] or payload["observed_time_unix_nano"]
+        if nanos:
+            seen["timestamp"] = self._iso(nanos)
+        if reserved["user_id"] is not None:
+            seen["user_id"] = reserved["user_id"]
+        return seen
 
     def _once(self, message, convert):
         # Every record of a ResourceLogs (ScopeLogs) shares its resource (scope): convert it once.

@@ -152,11 +152,12 @@ def _log_record_check(entry: AppEntry, config):
     def check(record) -> dict:
         # The mapper has bounded the depth of the body and of each attribute value (no
         # check_depth), and knows the types of the reserved fields (no parsing them again).
-        event, reserved, canonical = mapper.event(record)
-        if len(canonical) > event_limit - 1024:  # the reserved fields add well under 1 KiB
-            checks.check_event_size(event, event_limit)
+        payload, reserved, canonical = mapper.event(record)
+        if len(canonical) > event_limit:
+            checks.check_event_size(payload, event_limit)
         fields = checks.typed_reserved_fields(**reserved, received_at=received_at)
-        return checks.assemble_event(entry, fields, event, received_at)
+        seen = mapper.seen_by_rules(payload, reserved) if entry.rules else payload
+        return checks.assemble_event(entry, fields, payload, received_at, seen_by_rules=seen)
 
     return check
 
