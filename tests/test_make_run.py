@@ -58,8 +58,10 @@ def test_make_run_starts_cleanly_and_one_ctrl_c_stops_everything(tmp_path):
     log_path = tmp_path / "make-run.log"
     with open(log_path, "wb") as log:
         # A session of its own, as a terminal's job: the Ctrl-C below reaches its whole group.
+        # SIGINT as a terminal's job has it: a suite started in the background (`cmd &` without
+        # job control) hands its children SIGINT ignored, and make then never dies of it.
         make = subprocess.Popen(["make", "run"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     output = lambda: log_path.read_text(errors="replace")  # noqa: E731
     try:
         try:
