@@ -145,6 +145,11 @@ def check_event_size(event, limit: int) -> None:
         size = len(orjson.dumps(event))
     except orjson.JSONEncodeError:  # nested past orjson's own limit, far past ours
         raise ApiError(422, "nesting_too_deep", "The event is nested too deep.") from None
+    check_size(size, limit)
+
+
+def check_size(size: int, limit: int) -> None:
+    """Refuse one event whose JSON, already measured, is `size` bytes when that is over the event limit."""
     if size > limit:
         raise ApiError(413, "payload_too_large", f"The event is larger than the limit of {limit} bytes.")
 

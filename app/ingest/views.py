@@ -153,10 +153,9 @@ def _log_record_check(entry: AppEntry, config):
         # The mapper has bounded the depth of the body and of each attribute value (no
         # check_depth), and knows the types of the reserved fields (no parsing them again).
         payload, reserved, canonical = mapper.event(record)
-        if len(canonical) > event_limit:
-            checks.check_event_size(payload, event_limit)
+        checks.check_size(len(canonical), event_limit)  # the canonical JSON is the payload's, keys sorted
         fields = checks.typed_reserved_fields(**reserved, received_at=received_at)
-        seen = mapper.seen_by_rules(payload, reserved) if entry.rules else payload
+        seen = mapper.seen_by_rules(payload, reserved) if entry.rules else None
         return checks.assemble_event(entry, fields, payload, received_at, seen_by_rules=seen)
 
     return check
