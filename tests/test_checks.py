@@ -2,6 +2,7 @@
 import gzip
 import io
 import random
+import re
 import time
 import tracemalloc
 import zlib
@@ -555,4 +556,6 @@ def test_a_rule_that_fails_at_run_time_is_skipped_with_a_warning():
         assert validation["status"] == "warning"
         by_rule = {w["rule"]: w for w in validation["warnings"]}
         assert set(by_rule) == {"loops", "needs_user"}
-        assert "RecursionError" in by_rule["loops"]["message"] and "skipped" in by_rule["loops"]["message"]
+        # Python's recursion limit or the rule's time budget, whichever this machine reaches first.
+        assert re.search("RecursionError|RuleTooCostly", by_rule["loops"]["message"])
+        assert "skipped" in by_rule["loops"]["message"]
