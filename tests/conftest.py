@@ -304,6 +304,8 @@ def free_port() -> int:
 class Process:
     """A real child process (gunicorn, a Celery worker, beat) with its output in a file."""
 
+    started = []  # this test's, for the failure report (pytest_runtest_makereport)
+
     def __init__(self, name, args, env, log_dir):
         self.name = name
         self.args = args
@@ -316,6 +318,7 @@ class Process:
         # Its own process group, so a kill reaches the pool children too.
         self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
+        Process.started.append(self)
         return self
 
     def output(self) -> str:
@@ -445,9 +448,27 @@ def make_user(app):
 
 
 @pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    """Each test's failure report shows the processes that test started, none before."""
+    Process.started.clear()
+    yield
+
+
+LOG_TAIL_LINES = 40
+
+
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Keep each test's call report on its item (the console's browser fixture screenshots on failure)."""
+    """Keep each test's call report on its item (the console's browser fixture screenshots on failure);
+    a failed test's report ends with the last lines of each process it started (CI keeps no files)."""
     outcome = yield
     report = outcome.get_result()
     if report.when == "call":
         item.rep_call = report
+        if report.failed:
+            for process in Process.started:
+                try:
+                    tail = process.output().splitlines()[-LOG_TAIL_LINES:]
+                except OSError:
+                    continue
+                report.sections.append((f"last {len(tail)} lines of {process.log_path.name}", "\n".join(tail)))

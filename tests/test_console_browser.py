@@ -174,8 +174,11 @@ def test_the_console_journey_in_a_browser(stack, smtp_server, page, app, screens
     expect(page.get_by_text("console_refuse")).to_be_visible()
     page.get_by_role("button", name="Replay ev-bad").click()
     expect(page.get_by_text("Replaying 1 failed event(s)")).to_be_visible()
+    # The replay runs on batch_processing: wait for it to store the event and take it off the list.
     wait_until(lambda: sql("SELECT count(*) FROM events WHERE event_id = 'ev-bad'")[0][0], timeout=30,
                message="the replayed event stored")
+    wait_until(lambda: not sql("SELECT count(*) FROM failed_events WHERE event_id = 'ev-bad'")[0][0], timeout=30,
+               message="the replayed event off the failed events")
     page.reload()
     expect(page.get_by_text("No failed events.")).to_be_visible()
 

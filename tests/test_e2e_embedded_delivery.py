@@ -8,7 +8,9 @@ import time
 
 from tests.conftest import ROOT, Stack, wait_until
 
-AIM = 30  # seconds after the last worker start (API.md section 5; 60 at most)
+# API.md section 5: every accepted event stored within 1 minute of the last worker restart, the
+# aim 30 s. INGEST_REDELIVER_AFTER is 8 s here; the workers sweep every 2 s.
+AIM, REDELIVERY_BOUND = 30, 60
 
 
 def test_lost_and_killed_messages_are_stored_without_beat(test_environment, tmp_path):
@@ -26,6 +28,22 @@ def test_lost_and_killed_messages_are_stored_without_beat(test_environment, tmp_
     def stored():
         with sqlite3.connect(instance / "intake.db") as conn:
             return sorted(row[0] for row in conn.execute("SELECT event_id FROM events"))
+
+    def wait_stored(accepted, since):
+        """Wait up to REDELIVERY_BOUND for every accepted event; on time-out say where the rest are."""
+        try:
+            wait_until(lambda: stored() == sorted(accepted), timeout=REDELIVERY_BOUND,
+                       message=f"{len(accepted)} events stored once")
+        except AssertionError:
+            records = {path.name: json.loads(path.read_bytes()) for path in (instance / "pending").glob("*/*.json")}
+            raise AssertionError(
+                f"{len(stored())} of {len(accepted)} stored {REDELIVERY_BOUND} s after the worker was ready; "
+                f"missing {sorted(set(accepted) - set(stored()))[:10]}; broker messages "
+                f"{len(list((instance / 'broker' / 'queue').glob('*.msg')))}; pending records (now {time.time():.1f}) "
+                + str({name: {k: v for k, v in r.items() if k != "events"} for name, r in records.items()})) from None
+        took = time.monotonic() - since
+        print(f"embedded default: every accepted event stored {took:.1f} s after the worker was ready"
+              + (f" (over the {AIM} s aim)" if took > AIM else ""))
 
     try:
         flask("db", "upgrade")
@@ -49,7 +67,7 @@ def test_lost_and_killed_messages_are_stored_without_beat(test_environment, tmp_
             message.unlink()
 
         worker = stack.worker(queues="default,batch_processing,emails", concurrency=1)
-        wait_until(lambda: stored() == sorted(accepted), timeout=AIM, message="the lost groups stored")
+        wait_stored(accepted, time.monotonic())
 
         # A stream of events and the worker SIGKILLed in the middle of it.
         stop = threading.Event()
@@ -74,8 +92,7 @@ def test_lost_and_killed_messages_are_stored_without_beat(test_environment, tmp_
         finally:
             stop.set()
             thread.join()
-        wait_until(lambda: stored() == sorted(accepted), timeout=AIM, message=f"{len(accepted)} events stored once")
-        print(f"embedded default: every accepted event stored {time.monotonic() - restarted:.1f} s after the restart")
+        wait_stored(accepted, restarted)
         # A group's record goes right after its commit (its tombstone fsynced first): a moment later.
         wait_until(lambda: not list((instance / "pending" / "default").glob("*.json")), timeout=10,
                    message="the pending folder emptied")
