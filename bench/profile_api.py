@@ -3,7 +3,7 @@
 
 Starts the stack as bench/run.py does (one gunicorn, rate limit on unless --rate-limit off),
 drives one phase (--kind: single events, batches, or OTLP exports of --batch-size log
-records) with wrk for --duration seconds while `py-spy record` samples every
+records; --broker: Redis or a RabbitMQ vhost) with wrk for --duration seconds while `py-spy record` samples every
 gunicorn worker (threads that are not idle), and prints one JSON object: the share of
 samples in each part of the request (first matching frame, in the order of CATEGORIES) and
 the CPU ms per request and per event (log record) of the API workers. On a busy machine a
@@ -63,11 +63,14 @@ def main():
     parser.add_argument("--duration", type=int, default=8)
     parser.add_argument("--kind", choices=("single", "batch", "otlp"), default="single", help="the phase to drive")
     parser.add_argument("--rate-limit", choices=("on", "off"), default="on")
+    parser.add_argument("--broker", choices=("redis", "amqp"), default="redis", help="Celery's broker")
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    parser.add_argument("--gil", action="store_true",
+                        help="sample only the thread holding the GIL (CPU in Python, no waits)")
     parser.add_argument("--raw-output", type=Path, help="also write py-spy's collapsed stacks here")
     own = parser.parse_args()
     args = parse_args(["--duration", str(own.duration), "--rate-limit", own.rate_limit, "--worker-concurrency", "2"])
-    bench = Bench(args, "intake", args.modes)
+    bench = Bench(args, "intake", args.modes, own.broker)
     try:
         bench.setup()
         bench.start_stack()
@@ -80,6 +83,7 @@ def main():
         with tempfile.TemporaryDirectory() as folder:
             spies = [subprocess.Popen([py_spy, "record", "--pid", str(pid), "--rate", str(own.rate),
                                        "--duration", str(own.duration), "--format", "raw", "--nonblocking",
+                                       *(["--gil"] if own.gil else []),
                                        "--output", f"{folder}/{pid}.txt"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for pid in workers]
             time.sleep(0.5)
@@ -92,7 +96,7 @@ def main():
         conn.close()
     finally:
         bench.teardown()
-    result = {"kind": own.kind, "rate_limit": own.rate_limit,
+    result = {"kind": own.kind, "broker": own.broker, "rate_limit": own.rate_limit,
               "accepted_per_s": round(figures["accepted_events_per_s"]),
               "e2e_events_per_s": round(figures["e2e_events_per_s"]),
               "api_cpu_ms_per_request": round(figures["api_cpu_ms_per_event"] * figures["events_per_request"], 3),
