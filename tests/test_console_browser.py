@@ -262,7 +262,7 @@ def test_the_console_journey_in_a_browser(stack, smtp_server, page, app, screens
         expired = create_access_token(identity=sql("SELECT id FROM users WHERE email = %s", email)[0][0],
                                       expires_delta=timedelta(seconds=-60), additional_claims={"csrf": csrf})
     page.context.add_cookies([{"name": "access_token_cookie", "value": expired, "url": base, "httpOnly": True}])
-    wait_until(lambda: access_cookie(page) not in (None, expired), timeout=5, message="the poll's renewal")
+    wait_until(lambda: access_cookie(page) not in (None, expired), timeout=15, message="the poll's renewal (every 1 s)")
     page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
     for path in ("/console/apps", f"/console/apps/{app_id}", f"/console/apps/{app_id}/charts",
