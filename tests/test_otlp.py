@@ -122,24 +122,28 @@ def rejected(reason) -> float:
     return REGISTRY.get_sample_value("intake_events_rejected_total", {"reason": reason}) or 0.0
 
 
-def mapped(log_record, max_depth=10, **export_kwargs):
-    """(the event as the app's rules see it, event_id) of one record, mapped as the route maps it."""
+def mapping(log_record, max_depth=10, **export_kwargs) -> tuple[RecordMapper, dict, dict]:
+    """(the mapper, the payload as stored, the reserved fields) of one record, mapped as the route maps it."""
     (item,) = otlp.log_records(export(log_record, **export_kwargs))
     mapper = RecordMapper(max_depth)
     payload, reserved, _ = mapper.event(item)
+    return mapper, payload, reserved
+
+
+def mapped(log_record, max_depth=10, **export_kwargs):
+    """(the event as the app's rules see it, event_id) of one record."""
+    mapper, payload, reserved = mapping(log_record, max_depth, **export_kwargs)
     return mapper.seen_by_rules(payload, reserved), reserved["event_id"]
 
 
 def stored_payload(log_record, **export_kwargs) -> dict:
     """The payload stored for one record."""
-    (item,) = otlp.log_records(export(log_record, **export_kwargs))
-    return RecordMapper(10).event(item)[0]
+    return mapping(log_record, **export_kwargs)[1]
 
 
 def reserved_of(log_record, **export_kwargs) -> dict:
     """The reserved fields the mapper gives checks.typed_reserved_fields for one record."""
-    (item,) = otlp.log_records(export(log_record, **export_kwargs))
-    return RecordMapper(10).event(item)[1]
+    return mapping(log_record, **export_kwargs)[2]
 
 
 @pytest.fixture

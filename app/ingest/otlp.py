@@ -172,9 +172,8 @@ class RecordMapper:
         # Only for an app with rules: the stored payload is the contract's table alone (the
         # reserved fields are the event's own columns), 100 bytes a record less to carry and store.
         seen = {**payload, "event_name": reserved["event_name"], "level": reserved["level"]}
-        nanos = payload["time_unix_nano"] or payload["observed_time_unix_nano"]
-        if nanos:
-            seen["timestamp"] = self._iso(nanos)
+        if reserved["timestamp_us"] is not None:
+            seen["timestamp"] = self._iso(reserved["timestamp_us"])
         if reserved["user_id"] is not None:
             seen["user_id"] = reserved["user_id"]
         return seen
@@ -227,13 +226,13 @@ class RecordMapper:
             return [self._value(item, levels_left - 1) for item in value.array_value.values]
         return self._attributes(value.kvlist_value.values, levels_left - 1)
 
-    def _iso(self, nanos: int) -> str:
+    def _iso(self, timestamp_us: int) -> str:
         """The time as ISO 8601 in UTC, to the microsecond; the records of an export mostly share their second."""
-        seconds, rest = divmod(nanos, 1_000_000_000)
+        seconds, micros = divmod(timestamp_us, 1_000_000)
         if seconds != self._second:
             moment = datetime.fromtimestamp(seconds, tz=timezone.utc)
             self._second, self._second_text = seconds, moment.strftime("%Y-%m-%dT%H:%M:%S")
-        return f"{self._second_text}.{rest // 1000:06d}+00:00"
+        return f"{self._second_text}.{micros:06d}+00:00"
 
 
 def _scope(scope) -> dict:
