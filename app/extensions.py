@@ -1,6 +1,5 @@
 """Extensions, unbound: the factory binds them to an app."""
 import gc
-from pathlib import Path
 
 from celery import Celery, Task
 from celery.signals import worker_process_init
@@ -15,6 +14,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase
 
 import celery_config
+from app import folder_broker
 
 
 class Base(DeclarativeBase):
@@ -75,7 +75,7 @@ def celery_init_app(app: Flask) -> Celery:
     broker_url = app.config["CELERY_BROKER_URL"]
     celery_app.conf.broker_url = broker_url
     if broker_url.startswith("filesystem://"):
-        celery_app.conf.broker_transport_options = _filesystem_transport(app.config["BROKER_FOLDER"])
+        celery_app.conf.update(folder_broker.settings(app.config["BROKER_FOLDER"]))
     elif celery_config.is_amqp(broker_url):
         celery_app.conf.update(celery_config.AMQP_SETTINGS)
 
@@ -92,17 +92,3 @@ def celery_init_app(app: Flask) -> Celery:
     app.extensions["celery"] = celery_app
     return celery_app
 
-
-def _filesystem_transport(folder: str) -> dict:
-    """Transport options for the embedded broker: plain folders under instance/."""
-    base = Path(folder)
-    # kombu expects the folders to exist; creating empty folders is not I/O worth deferring.
-    for name in ("queue", "processed", "control"):
-        (base / name).mkdir(parents=True, exist_ok=True)
-    return {
-        "data_folder_in": str(base / "queue"),
-        "data_folder_out": str(base / "queue"),
-        "processed_folder": str(base / "processed"),
-        "store_processed": False,
-        "control_folder": str(base / "control"),
-    }

@@ -468,7 +468,10 @@ def pytest_runtest_makereport(item, call):
         if report.failed:
             for process in Process.started:
                 try:
-                    tail = process.output().splitlines()[-LOG_TAIL_LINES:]
+                    lines = process.output().splitlines()
                 except OSError:
                     continue
+                # From the first JSON line on: Celery's banner says nothing the test does not know.
+                first = next((number for number, line in enumerate(lines) if line.startswith("{")), 0)
+                tail = lines[first:][-LOG_TAIL_LINES:]
                 report.sections.append((f"last {len(tail)} lines of {process.log_path.name}", "\n".join(tail)))

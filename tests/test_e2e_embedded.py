@@ -1,4 +1,4 @@
-"""The embedded default (SQLite + the file-system broker) carries an event end to end."""
+"""The embedded default (SQLite + the file-system broker) carries an event end to end, past a damaged message."""
 import json
 import sqlite3
 import subprocess
@@ -23,7 +23,9 @@ def test_embedded_default_stores_an_event(test_environment, tmp_path):
         flask("users", "create", "dev@example.com", "--password", "correct horse", "--verified")
         created = json.loads(flask("apps", "create", "laptop", "--owner", "dev@example.com"))
         stack.web(workers=1)
-        stack.worker(queues="default,batch_processing,emails", concurrency=1)
+        worker = stack.worker(queues="default,batch_processing,emails", concurrency=1)
+        # A message file damaged on disk, first in the worker's way: dropped and logged, not fatal.
+        (tmp_path / "instance" / "broker" / "queue" / "0_damaged.default.msg").write_bytes(b'{"bod')
         response = stack.post(f"/api/logs/{created['app_id']}", {"event_name": "hello", "event_id": "e-1"},
                               {"X-API-Key": created["api_key"]})
         assert response.status_code == 202, response.text
@@ -35,6 +37,8 @@ def test_embedded_default_stores_an_event(test_environment, tmp_path):
                 return conn.execute("SELECT event_name, event_id FROM events").fetchall()
 
         assert wait_until(stored, message="the event in SQLite") == [("hello", "e-1")]
+        assert worker.proc.poll() is None
+        assert "dropped an unreadable message on queue default" in worker.output()
 
         inspect = subprocess.run([sys.executable, "-m", "celery", "-A", "run:celery", "inspect", "active_queues",
                                   "--json", "--timeout", "5"], cwd=ROOT, env=stack.env, capture_output=True,
