@@ -7,9 +7,9 @@ the folder gave 324 such reads in 6,000 messages. Here a message is written unde
 reader takes and renamed into place, so a reader finds it whole or not at all. A message
 that still cannot be read (a file damaged on disk) is dropped and logged instead of
 stopping the worker; its events are not lost: their pending record is published again
-(app/redelivery.py).
+(app/redelivery.py). An exchange's table of bindings is created the same way, whole.
 
-`_put` and `_get` are the hooks kombu's virtual transports leave to their storage (kombu is
+`_put`, `_get` and `_queue_bind` are the hooks kombu's virtual transports leave to their storage (kombu is
 pinned in requirements.txt); tests/test_folder_broker.py checks the file names read here.
 """
 import logging
@@ -49,6 +49,27 @@ class Channel(filesystem.Channel):
             log.error("dropped an unreadable message on queue %s (%s); its pending group will be published again",
                       queue, error)
             raise Empty() from None
+
+
+    def _queue_bind(self, exchange, routing_key, pattern, queue):
+        """Bind `queue` to `exchange`; a new exchange's table file appears with the binding in it."""
+        # kombu creates the table file empty and then writes it: a publisher looking the exchange
+        # up in between reads empty JSON and fails. A file of our own, linked to the table's name
+        # only if there is none yet; else kombu adds the binding to the table under its lock.
+        table = self._exchange_file(exchange)
+        if not table.exists():
+            self.control_folder.mkdir(exist_ok=True)
+            binding = filesystem.exchange_queue_t(routing_key or "", pattern or "", queue or "")
+            draft = table.with_name(f".{table.name}.{uuid.uuid4()}.tmp")
+            draft.write_bytes(str_to_bytes(dumps([binding])))
+            try:
+                os.link(draft, table)
+                return
+            except FileExistsError:  # another process created it meanwhile
+                pass
+            finally:
+                draft.unlink()
+        super()._queue_bind(exchange, routing_key, pattern, queue)
 
 
 class Transport(filesystem.Transport):

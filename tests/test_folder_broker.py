@@ -1,4 +1,4 @@
-"""The embedded broker (app/folder_broker.py): a reader finds a message whole or not at all."""
+"""The embedded broker (app/folder_broker.py): a reader finds a message, or an exchange's table, whole or not at all."""
 import logging
 import multiprocessing
 import os
@@ -53,6 +53,45 @@ def test_a_reader_never_gets_a_message_still_being_written(tmp_path):
     read, failed = drain_while_others_publish(tmp_path / "ours", OURS)
     assert kombus_failed > 0
     assert (read, failed) == (3000, 0)
+
+
+def bind_new_exchanges(folder, transport, count):
+    with connect(folder, transport) as connection:
+        for number in range(count):
+            connection.default_channel._queue_bind(f"exchange-{number}", "key", None, "default")
+
+
+def read_tables_while_another_process_binds(folder, transport, count=1000):
+    """Read each new exchange's table until it is there while another process creates them; return failed reads."""
+    process = multiprocessing.get_context("fork").Process(target=bind_new_exchanges, args=(folder, transport, count))
+    process.start()
+    failed = 0
+    with connect(folder, transport) as connection:
+        channel = connection.default_channel
+        deadline = time.monotonic() + 60
+        for number in range(count):
+            while time.monotonic() < deadline:
+                try:
+                    if channel.get_table(f"exchange-{number}"):
+                        break
+                except ValueError:  # kombu's: the JSON of a table not yet written
+                    failed += 1
+    process.join()
+    return failed
+
+
+def test_a_new_exchange_is_never_read_before_its_binding_is_written(tmp_path):
+    assert read_tables_while_another_process_binds(tmp_path / "kombu", KOMBUS) > 0
+    assert read_tables_while_another_process_binds(tmp_path / "ours", OURS) == 0
+
+
+def test_a_second_binding_joins_the_exchanges_table(tmp_path):
+    with connect(tmp_path, OURS) as connection:
+        channel = connection.default_channel
+        channel._queue_bind("events", "a", None, "first")
+        channel._queue_bind("events", "b", None, "second")
+        assert sorted(row.queue for row in channel.get_table("events")) == ["first", "second"]
+        assert [path.name for path in (tmp_path / "control").iterdir()] == ["events.exchange"]
 
 
 def test_a_message_is_named_as_kombus_readers_take_it(tmp_path):
