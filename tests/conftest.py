@@ -5,6 +5,7 @@ TEST_AMQP_URL; defaults are the local servers, and `rabbitmqctl` makes each run'
 If one is unreachable the run stops with an error: it never skips.
 """
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -229,6 +230,28 @@ def runner(app):
 @pytest.fixture
 def redis(test_environment):
     return redis_lib.Redis.from_url(test_environment["REDIS_URL"])
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    """A redis-server of the test's own (not started), to stop and start again; stopped afterwards."""
+    from tests.private_redis import PrivateRedis
+
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is needed on PATH for the broker outage tests")
+    server = PrivateRedis(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hanging_broker():
+    """The URL of a Redis that accepts connections and never answers: a broker that hangs rather than refuses."""
+    from tests.private_redis import SilentServer
+
+    server = SilentServer()
+    yield f"redis://127.0.0.1:{server.port}/0"
+    server.close()
 
 
 @pytest.fixture(autouse=True)

@@ -27,20 +27,28 @@ class PrivateRedis:
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                 "--dir", str(self.workdir), *self.extra_args]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis_lib.Redis.from_url(self.url, socket_connect_timeout=0.2)
+        client = self.client()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
                 client.ping()
                 return self
             except redis_lib.ConnectionError:
+                assert self.proc.poll() is None, f"redis-server on port {self.port} exited"
                 time.sleep(0.05)
         raise AssertionError(f"redis-server on port {self.port} did not start")
+
+    def client(self) -> redis_lib.Redis:
+        return redis_lib.Redis.from_url(self.url, socket_connect_timeout=0.2)
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(10)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
 
 
 class SilentServer:

@@ -3,15 +3,10 @@ import base64
 import gzip
 import io
 import json
-import shutil
 import signal
-import socket
-import subprocess
-import threading
 import time
 
 import pytest
-import redis as redis_lib
 
 from app import events
 from tests.conftest import free_port, sql, wait_until
@@ -505,55 +500,10 @@ def test_broker_down_with_pending_store_up_is_503_and_leaves_no_record(app_key, 
     assert_nothing_left(redis)
 
 
-class PrivateRedis:
-    """A throw-away redis-server without persistence, stopped and started on one port."""
-
-    def __init__(self, tmp_path):
-        self.port = free_port()
-        self.dir = tmp_path
-        self.proc = None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self):
-        self.proc = subprocess.Popen(
-            [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis_lib.Redis.from_url(self.url, socket_connect_timeout=0.2)
-
-        def up():
-            try:
-                return client.ping()
-            except redis_lib.ConnectionError:
-                assert self.proc.poll() is None, "redis-server exited"
-                return False
-
-        wait_until(up, timeout=10, interval=0.05, message="private redis-server")
-        return client
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-@pytest.fixture
-def private_redis(tmp_path):
-    if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is needed on PATH for the broker outage tests")
-    server = PrivateRedis(tmp_path)
-    yield server
-    server.stop()
-
-
 @pytest.mark.parametrize("what", ["broker-and-pending-store", "broker-only"])
 def test_broker_outage_and_recovery_without_restart(private_redis, app_key, redis, test_environment, what):
     app_id, key = app_key
-    broker = private_redis.start()
+    broker = private_redis.start().client()
     pending_url = private_redis.url if what == "broker-and-pending-store" else test_environment["REDIS_URL"]
     flask_app = isolated_app({"REDIS_URL": pending_url, "CELERY_BROKER_URL": private_redis.url})
     client = flask_app.test_client()
@@ -570,33 +520,13 @@ def test_broker_outage_and_recovery_without_restart(private_redis, app_key, redi
         # The first event is still pending; the refused ones left no record behind.
         assert redis.hkeys(BODIES) == [first.get_json()["task_id"].encode()]
 
-    broker = private_redis.start()
+    broker = private_redis.start().client()
     again = wait_until(lambda: (r := post(client, app_id, key, {"event_name": "after"})).status_code == 202 and r,
                        timeout=5, interval=0.2, message="202 after the broker is back")
     batch = post(client, app_id, key, [{"event_name": "after"}], batch=True)
     assert batch.status_code == 202
     assert [m[1] for m in queued(broker, "default")] == [again.get_json()["task_id"]]
     assert [m[1] for m in queued(broker, "batch_processing")] == [batch.get_json()["task_id"]]
-
-
-@pytest.fixture
-def hanging_broker():
-    """A TCP server that accepts connections and never answers: a broker that hangs rather than refuses."""
-    server = socket.create_server(("127.0.0.1", 0))
-    held = []
-
-    def accept():
-        while True:
-            try:
-                held.append(server.accept()[0])
-            except OSError:
-                return
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield f"redis://127.0.0.1:{server.getsockname()[1]}/0"
-    server.close()
-    for connection in held:
-        connection.close()
 
 
 def test_hanging_broker_is_503_within_two_seconds_and_leaves_nothing(hanging_broker, app_key, redis, test_environment):
