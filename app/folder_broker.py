@@ -6,12 +6,14 @@ stops the worker ("Unrecoverable error"): one API process publishing while a wor
 the folder gave 324 such reads in 6,000 messages. Here a message is written under a name no
 reader takes and renamed into place, so a reader finds it whole or not at all. A message
 that still cannot be read (a file damaged on disk) is dropped and logged instead of
-stopping the worker; its events are not lost: their pending record is published again
-(app/redelivery.py). An exchange's table of bindings is created the same way, whole.
+stopping the worker; if it carried an event group, the group's pending record is published
+again (app/redelivery.py). An exchange's table of bindings is created the same way, whole.
 
-`_put`, `_get` and `_queue_bind` are the hooks kombu's virtual transports leave to their storage (kombu is
-pinned in requirements.txt); tests/test_folder_broker.py checks the file names read here.
+`_put`, `_get` and `_queue_bind` are the hooks kombu's virtual transports leave to their
+storage (kombu is pinned in requirements.txt); tests/test_folder_broker.py checks the file
+names read here.
 """
+import contextlib
 import logging
 import os
 import uuid
@@ -39,6 +41,8 @@ class Channel(filesystem.Channel):
                 file.write(str_to_bytes(dumps(payload)))
             os.replace(f"{path}.tmp", path)
         except OSError as error:
+            with contextlib.suppress(OSError):
+                os.unlink(f"{path}.tmp")
             raise ChannelError(f"Cannot add file {path!r} to directory") from error
 
     def _get(self, queue):
@@ -46,10 +50,9 @@ class Channel(filesystem.Channel):
         try:
             return super()._get(queue)
         except ValueError as error:  # kombu has already taken the file out of the queue folder
-            log.error("dropped an unreadable message on queue %s (%s); its pending group will be published again",
-                      queue, error)
+            log.error("dropped an unreadable message on queue %s (%s); an event group's comes back from the "
+                      "pending store", queue, error)
             raise Empty() from None
-
 
     def _queue_bind(self, exchange, routing_key, pattern, queue):
         """Bind `queue` to `exchange`; a new exchange's table file appears with the binding in it."""
