@@ -68,7 +68,7 @@ class Channel(filesystem.Channel):
             try:
                 os.link(draft, table)
                 return
-            except FileExistsError:  # another process created it meanwhile
+            except OSError:  # another process created it meanwhile (or no hard links here): kombu's way
                 pass
             finally:
                 draft.unlink()
