@@ -13,7 +13,6 @@ again (app/redelivery.py). An exchange's table of bindings is created the same w
 storage (kombu is pinned in requirements.txt); tests/test_folder_broker.py checks the file
 names read here.
 """
-import contextlib
 import logging
 import os
 import uuid
@@ -26,6 +25,8 @@ from kombu.transport import filesystem
 from kombu.utils.encoding import str_to_bytes
 from kombu.utils.json import dumps
 
+from app import files
+
 log = logging.getLogger(__name__)
 
 TRANSPORT = "app.folder_broker:Transport"  # celery's broker_transport setting, beside a filesystem:// URL
@@ -34,16 +35,13 @@ TRANSPORT = "app.folder_broker:Transport"  # celery's broker_transport setting, 
 class Channel(filesystem.Channel):
     def _put(self, queue, payload, **kwargs):
         """Put a message on `queue`: written beside under a `.tmp` name, then renamed to the name readers take."""
-        # kombu's own name: readers take `<ms>_<uuid>.<queue>.msg` files in name order.
-        path = os.path.join(self.data_folder_out, f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg")
+        # kombu's own name: readers take `<ms>_<uuid>.<queue>.msg` files in name order. Not
+        # fsynced: a message lost to a power cut comes back from its pending record.
+        path = Path(self.data_folder_out) / f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
         try:
-            with open(f"{path}.tmp", "wb") as file:
-                file.write(str_to_bytes(dumps(payload)))
-            os.replace(f"{path}.tmp", path)
+            files.write_whole(path, str_to_bytes(dumps(payload)), sync=False)
         except OSError as error:
-            with contextlib.suppress(OSError):
-                os.unlink(f"{path}.tmp")
-            raise ChannelError(f"Cannot add file {path!r} to directory") from error
+            raise ChannelError(f"Cannot add file {str(path)!r} to directory") from error
 
     def _get(self, queue):
         """The next message on `queue`; one that cannot be read is dropped (and logged), not raised."""

@@ -21,13 +21,11 @@ A worker that takes a group counts a delivery; a group taken MAX_DELIVERIES time
 without any write finishing kills its process (OOM, hard time limit): it is split.
 """
 import contextlib
-import errno
 import fcntl
 import json
 import logging
 import math
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +33,8 @@ from pathlib import Path
 
 import orjson
 import redis
+
+from app.files import sync_folder, write_whole
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ class FolderPendingStore:
     def _write(self, queue, group_id, record: dict, accepted: float) -> None:
         path = self._path(queue, group_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_durably(path, json.dumps(record).encode())
+        write_whole(path, json.dumps(record).encode())
         os.utime(path, (accepted, accepted))
 
     def _read(self, path: Path) -> dict | None:
@@ -358,7 +358,7 @@ class FolderPendingStore:
             if record.get("flight") is not None:
                 progress["pushed"] = max(progress.get("pushed", 0), record["flight"])
             progress["at"] = now
-            _write_durably(self.folder / f"{queue}.progress", json.dumps(progress).encode(), sync=False)
+            write_whole(self.folder / f"{queue}.progress", json.dumps(progress).encode(), sync=False)
             record.update(flight=None, due=now + self.redeliver_after, deliveries=record.get("deliveries", 0) + 1)
             self._write(queue, group_id, record, accepted)
         return Taken("ok", record, record["deliveries"])
@@ -386,12 +386,12 @@ class FolderPendingStore:
         tombstone = self.folder / "stored" / group_id
         tombstone.parent.mkdir(parents=True, exist_ok=True)
         tombstone.touch()
-        _sync_folder(tombstone.parent)
+        sync_folder(tombstone.parent)
 
     def _remove(self, queue, group_id):
         path = self._path(queue, group_id)
         path.unlink(missing_ok=True)
-        _sync_folder(path.parent)  # else a power cut brings the stored group back, to be written again
+        sync_folder(path.parent)  # else a power cut brings the stored group back, to be written again
 
     def done(self, queue, group_id):
         self._tombstone(group_id)
@@ -471,7 +471,7 @@ class FolderPendingStore:
         except (FileNotFoundError, ValueError, KeyError):
             count = 0
         self.folder.mkdir(parents=True, exist_ok=True)
-        _write_durably(path, json.dumps({"count": count + 1, "last": f"{time.time():.0f} {queue} {group_id}"}).encode(),
+        write_whole(path, json.dumps({"count": count + 1, "last": f"{time.time():.0f} {queue} {group_id}"}).encode(),
                        sync=False)
 
     def warnings(self):
@@ -483,36 +483,6 @@ class FolderPendingStore:
             return [_missing_warning(found["count"], found["last"])]
         except (FileNotFoundError, ValueError, KeyError):
             return []
-
-
-def _write_durably(path: Path, data: bytes, sync: bool = True) -> None:
-    """Write `path` whole or not at all: a temporary file of its own, renamed; with `sync`, fsynced with its folder."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            if sync:
-                file.flush()
-                os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    if sync:
-        _sync_folder(path.parent)
-
-
-def _sync_folder(folder: Path) -> None:
-    """fsync a folder, so that the names created, renamed or removed in it survive a power cut."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    except OSError as error:  # some file systems cannot fsync a folder
-        if error.errno != errno.EINVAL:
-            raise
-    finally:
-        os.close(fd)
 
 
 def _is_int(value) -> bool:

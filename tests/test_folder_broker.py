@@ -108,7 +108,7 @@ def test_a_message_is_named_as_kombus_readers_take_it(tmp_path):
 def test_a_message_being_written_is_neither_read_nor_counted(tmp_path):
     with connect(tmp_path, OURS) as connection:
         channel = connection.default_channel
-        (tmp_path / "queue" / "1_a.default.msg.tmp").write_bytes(b'{"half": ')
+        (tmp_path / "queue" / ".1_a.default.x7k2.tmp").write_bytes(b'{"half": ')
         assert channel._size("default") == 0
         assert channel.basic_get("default", no_ack=True) is None
 
