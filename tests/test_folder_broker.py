@@ -26,16 +26,21 @@ def publish(folder, transport, count):
             time.sleep(0.0005)
 
 
+def start(target, args, count=1):
+    """`count` forked processes running target(*args), started now."""
+    processes = [multiprocessing.get_context("fork").Process(target=target, args=args) for _ in range(count)]
+    for process in processes:
+        process.start()
+    return processes
+
+
 def drain_while_others_publish(folder, transport, publishers=2, each=1500):
     """Read the queue while other processes publish to it; return (messages read, reads that failed)."""
     publish(folder, transport, 0)  # the exchange and its binding, before the race
-    processes = [multiprocessing.get_context("fork").Process(target=publish, args=(folder, transport, each))
-                 for _ in range(publishers)]
-    for process in processes:
-        process.start()
     read = failed = 0
     with connect(folder, transport) as connection:
-        channel = connection.default_channel
+        channel = connection.default_channel  # ready to read before the publishers start
+        processes = start(publish, (folder, transport, each), publishers)
         deadline = time.monotonic() + 60
         while read + failed < publishers * each and time.monotonic() < deadline:
             try:
@@ -59,15 +64,15 @@ def bind_new_exchanges(folder, transport, count):
     with connect(folder, transport) as connection:
         for number in range(count):
             connection.default_channel._queue_bind(f"exchange-{number}", "key", None, "default")
+            time.sleep(0.0005)
 
 
 def read_tables_while_another_process_binds(folder, transport, count=1000):
     """Read each new exchange's table until it is there while another process creates them; return failed reads."""
-    process = multiprocessing.get_context("fork").Process(target=bind_new_exchanges, args=(folder, transport, count))
-    process.start()
     failed = 0
     with connect(folder, transport) as connection:
-        channel = connection.default_channel
+        channel = connection.default_channel  # ready to read before the binder starts
+        (process,) = start(bind_new_exchanges, (folder, transport, count))
         deadline = time.monotonic() + 60
         for number in range(count):
             while time.monotonic() < deadline:
