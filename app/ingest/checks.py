@@ -5,6 +5,7 @@ one, `check_event`, returns the event as it travels to the workers. A route that
 its events itself (OTLP) checks their reserved fields with `typed_reserved_fields` and
 ends in the same `assemble_event`.
 """
+import functools
 import json
 import re
 import uuid
@@ -189,6 +190,9 @@ MICROSECOND = timedelta(microseconds=1)
 MAX_FUTURE_US = MAX_FUTURE // MICROSECOND
 
 
+# Cached: every event of a request converts the same time received, twice (its reserved
+# fields and the event itself), and the conversion cost 2 % of an API process's CPU.
+@functools.lru_cache(maxsize=64)
 def _epoch_us(moment: datetime) -> int:
     return (moment - EPOCH) // MICROSECOND
 

@@ -223,7 +223,7 @@ class RecordMapper:
             raise ApiError(422, "nesting_too_deep",
                            f"The body or an attribute value is nested more than {self.max_depth} levels deep.")
         if kind == "array_value":
-            return [self._value(item, levels_left - 1) for item in value.array_value.values]
+            return [item.string_value or self._value(item, levels_left - 1) for item in value.array_value.values]
         return self._attributes(value.kvlist_value.values, levels_left - 1)
 
     def _iso(self, timestamp_us: int) -> str:
