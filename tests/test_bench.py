@@ -114,3 +114,17 @@ def test_broker_comparison_gives_amqp_over_redis_and_the_target(tmp_path):
     assert lines[0] == ("intake amqp/redis: single e2e 950 / 1,000 events/s = 0.95 (meets 0.9), "
                         "batch e2e 34,000 / 40,000 events/s = 0.85 (misses 0.9)")
     assert any(line.startswith("intake/stock on amqp: single 3.17") for line in lines)
+
+
+def test_row_shapes_stores_the_contracts_otlp_payload_and_measures_every_shape():
+    from bench import row_shapes
+
+    payload, event_id = row_shapes.payload_and_id("otlp", 7, 1_700_000_000_000_000, "t")
+    assert set(payload) == {"body", "attributes", "resource", "scope", "trace_id", "span_id", "severity_text",
+                            "severity_number", "time_unix_nano", "observed_time_unix_nano", "flags"}
+    assert event_id.startswith("otlp-") and len(event_id) == 69
+    _, time_first = row_shapes.payload_and_id("otlp_time_first_id", 7, 1_700_000_000_000_000, "t")
+    assert time_first.startswith(f"otlp-{1_700_000_000_000_000_007:016x}-")
+    result = row_shapes.measure(list(row_shapes.SHAPES), size=4, groups=2, rounds=1)
+    assert set(result) == set(row_shapes.SHAPES)
+    assert all(len(shape["cpu_ms_per_row"]) == 1 and shape["wal_bytes_per_row"][0] > 0 for shape in result.values())
