@@ -10,7 +10,6 @@ round, and hash-like ids suffer more as they do). README "Send logs with OpenTel
     .venv/bin/python bench/row_shapes.py --rounds 5
 """
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -20,42 +19,39 @@ import orjson
 import psycopg2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.write_path import admin, backend_cpu, scratch_database  # noqa: E402  (bench/ is run as a script)
+from app.ingest import otlp  # noqa: E402  (bench/ is run as a script)
+from bench import run, write_path  # noqa: E402
+from bench.write_path import admin, backend_cpu, scratch_database  # noqa: E402
 
 SHAPES = {
     "batch": "the bench's batched event: its payload is the client's JSON, its id the client's",
     "otlp": "the bench's OTLP record as Intake stores it (the contract's payload, hash id)",
-    "otlp_no_resource_scope": "the same without resource and scope in the payload",
-    "otlp_small_payload": "the same with only body, attributes, severity text and time in the payload",
+    "otlp_no_resource_scope": "the same without resource and scope in the payload (the id kept)",
+    "otlp_small_payload": "the same with only body, attributes, severity text and time in the payload (the id kept)",
     "otlp_time_first_id": "the OTLP record with an id that starts with its time",
     "otlp_batch_like_id": "the OTLP record with an id shaped like the batched event's",
 }
 
 
 def payload_and_id(shape: str, n: int, now_us: int, tag: str) -> tuple[dict, str]:
+    """The n-th row's payload and event_id: the bench's own events, as Intake's code makes them."""
     batch_id = f"{tag}-0-{n // 100}-{n % 100}"
     if shape == "batch":
-        return {"event_name": "bench.batch", "event_id": batch_id, "level": "info", "user_id": f"u{n % 1000}",
-                "session": f"s{n % 97}",
-                "properties": {"page": "/pricing", "button": "signup", "ms": n % 500, "ok": True, "tags": ["a", "b"]}
-                }, batch_id
-    payload = {"body": "signup button clicked",
-               "attributes": {"bench.id": f"{tag}{n:020d}", "user.id": f"u{n % 1000}", "session": f"s{n % 97}",
-                              "page": "/pricing", "button": "signup", "ms": n % 500, "ok": True, "tags": ["a", "b"]},
-               "resource": {"service.name": "bench", "host.name": "bench-host"},
-               "scope": {"name": "bench", "version": "1.0"}, "trace_id": None, "span_id": None,
-               "severity_text": "INFO", "severity_number": 9, "time_unix_nano": now_us * 1000 + n % 1000,
-               "observed_time_unix_nano": None, "flags": 0}
+        return write_path.batch_payload(n, batch_id), batch_id
+    # The OTLP phase's n-th record, mapped by the route's own mapper; its time makes its hash unique.
+    nanos = now_us * 1000 + n
+    (item,) = otlp.log_records(run.otlp_export("bench.shape", [n], nanos))
+    payload, reserved, _ = otlp.RecordMapper(max_depth=10).event(item)
+    event_id = reserved["event_id"]
     if shape == "otlp_no_resource_scope":
         del payload["resource"], payload["scope"]
     elif shape == "otlp_small_payload":
         payload = {key: payload[key] for key in ("body", "attributes", "severity_text", "time_unix_nano")}
-    digest = hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
-    if shape == "otlp_time_first_id":
-        return payload, f"otlp-{now_us * 1000 + n:016x}-{digest[:32]}"
-    if shape == "otlp_batch_like_id":
-        return payload, batch_id
-    return payload, "otlp-" + digest
+    elif shape == "otlp_time_first_id":
+        event_id = f"otlp-{nanos:016x}-{event_id[5:37]}"
+    elif shape == "otlp_batch_like_id":
+        event_id = batch_id
+    return payload, event_id
 
 
 def group(shape: str, first: int, size: int, tag: str) -> str:

@@ -89,6 +89,27 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def otlp_export(event_name: str, numbers, time_unix_nano: int):
+    """The OTLP phase's ExportLogsServiceRequest: record n shaped like the n-th batched event, all at one time."""
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+
+    def attributes(values):
+        kinds = {str: "string_value", bool: "bool_value", int: "int_value"}
+        return [{"key": key, "value": {kinds[type(value)]: value} if not isinstance(value, list) else
+                 {"array_value": {"values": [{"string_value": item} for item in value]}}}
+                for key, value in values.items()]
+
+    records = [{"time_unix_nano": time_unix_nano, "severity_number": 9, "severity_text": "INFO",
+                "event_name": event_name, "body": {"string_value": "signup button clicked"},
+                "attributes": attributes({"bench.id": OTLP_ID_PLACEHOLDER, "user.id": f"u{n % 1000}",
+                                          "session": f"s{n % 97}", "page": "/pricing", "button": "signup",
+                                          "ms": n % 500, "ok": True, "tags": ["a", "b"]})}
+               for n in numbers]
+    return ExportLogsServiceRequest(resource_logs=[{
+        "resource": {"attributes": attributes({"service.name": "bench", "host.name": "bench-host"})},
+        "scope_logs": [{"scope": {"name": "bench", "version": "1.0"}, "log_records": records}]}])
+
+
 class BenchError(Exception):
     pass
 
@@ -833,24 +854,7 @@ class Bench:
 
     def otlp_template(self, event_name) -> tuple[str, str]:
         """otlp.lua's arguments: a file holding one protobuf export of --batch-size records, and the placeholder."""
-        from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
-
-        def attributes(values):
-            kinds = {str: "string_value", bool: "bool_value", int: "int_value"}
-            return [{"key": key, "value": {kinds[type(value)]: value} if not isinstance(value, list) else
-                     {"array_value": {"values": [{"string_value": item} for item in value]}}}
-                    for key, value in values.items()]
-
-        now = time.time_ns()
-        records = [{"time_unix_nano": now, "severity_number": 9, "severity_text": "INFO", "event_name": event_name,
-                    "body": {"string_value": "signup button clicked"},
-                    "attributes": attributes({"bench.id": OTLP_ID_PLACEHOLDER, "user.id": f"u{n % 1000}",
-                                              "session": f"s{n % 97}", "page": "/pricing", "button": "signup",
-                                              "ms": n % 500, "ok": True, "tags": ["a", "b"]})}
-                   for n in range(self.args.batch_size)]
-        request = ExportLogsServiceRequest(resource_logs=[{
-            "resource": {"attributes": attributes({"service.name": "bench", "host.name": "bench-host"})},
-            "scope_logs": [{"scope": {"name": "bench", "version": "1.0"}, "log_records": records}]}])
+        request = otlp_export(event_name, range(self.args.batch_size), time.time_ns())
         path = self.tmp / f"otlp-{event_name}.pb"
         path.write_bytes(request.SerializeToString())
         return str(path), OTLP_ID_PLACEHOLDER

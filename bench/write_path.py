@@ -61,6 +61,13 @@ def scratch_database(revision):
     return name, url
 
 
+def batch_payload(n: int, event_id: str) -> dict:
+    """The payload of the bench's n-th batched event (wrk_common.lua's event_json)."""
+    return {"event_name": "bench", "event_id": event_id, "level": "info", "user_id": f"u{n % 1000}",
+            "session": f"s{n % 97}",
+            "properties": {"page": "/pricing", "button": "signup", "ms": n % 500, "ok": True, "tags": ["a", "b"]}}
+
+
 def groups(size, rows, tag):
     now_us = int(time.time() * 1_000_000)
     validation = {"status": "valid", "warnings": []}
@@ -71,11 +78,7 @@ def groups(size, rows, tag):
             event_id = f"{tag}-{n}"
             group.append({"app_id": "bench-app", "event_id": event_id, "event_name": f"bench.{n % 3}",
                           "level": "info", "user_id": f"u{n % 1000}", "timestamp": now_us - (n % 5) * 1_000_000,
-                          "received_at": now_us, "validation": validation,
-                          "payload": {"event_name": "bench", "event_id": event_id, "level": "info",
-                                      "user_id": f"u{n % 1000}", "session": f"s{n % 97}",
-                                      "properties": {"page": "/pricing", "button": "signup", "ms": n % 500,
-                                                     "ok": True, "tags": ["a", "b"]}}})
+                          "received_at": now_us, "validation": validation, "payload": batch_payload(n, event_id)})
         yield json.dumps(group)
 
 
