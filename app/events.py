@@ -1,6 +1,7 @@
 """Storing events: bulk, idempotent writes; failed events; status look-ups."""
 import logging
 import random
+import time
 from datetime import datetime, timezone
 
 import orjson
@@ -303,11 +304,25 @@ def retry_delay(attempts: int, base: float, cap: float) -> float:
     return min(cap, base * 2 ** (attempts - 1)) * random.uniform(0.8, 1.2)
 
 
+def _take_once_written(pending, queue: str, group_id: str, wait: float):
+    """Take a group; a record not there yet is waited for, at most as long as the API waits for its writes.
+
+    On RabbitMQ the API sends the record to Redis, then the message, and reads both answers
+    (app/publisher.py): the message can come first. Past `wait` the API has answered 503.
+    """
+    taken, deadline, pause = pending.take(queue, group_id), time.monotonic() + wait, 0.005
+    while taken.status == "missing" and time.monotonic() < deadline:
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause *= 2
+        taken = pending.take(queue, group_id)
+    return taken
+
+
 def persist_pending(queue: str, group_id: str) -> str:
     """Store a pending group; on failure reschedule it, or after the last try keep it as failed."""
     config = current_app.config
     pending = current_app.extensions["intake.pending"]
-    taken = pending.take(queue, group_id)
+    taken = _take_once_written(pending, queue, group_id, config["INGEST_PUBLISH_TIMEOUT"])
     if taken.status == "stored":
         return "duplicate"  # an earlier delivery of this message stored it
     if taken.status == "missing":

@@ -198,6 +198,20 @@ class RedisPendingStore:
             getattr(pipe, command)(*args)
         pipe.execute()
 
+    def begin_put(self, queue: str, group_id: str, events: list) -> "RecordWrite":
+        """Send a group's record to Redis without waiting: `finish()` on the answer reads it.
+
+        The publisher on RabbitMQ sends the record, then the message, and reads both answers:
+        one wait instead of two. A worker that takes the message before Redis has run the
+        record waits for it (app/events.py).
+        """
+        now = time.time()
+        return RecordWrite(self.redis.connection_pool, [
+            ("HSET", self.BODIES, group_id, _record(events, 0)),
+            ("ZADD", self._flight_key(queue), now, group_id),
+            ("ZADD", self._accepted_key(queue), now, group_id),
+        ])
+
     def load(self, queue: str, group_id: str) -> dict | None:
         body = self.redis.hget(self.BODIES, group_id)
         return None if body is None else orjson.loads(body)
@@ -281,6 +295,49 @@ class RedisPendingStore:
     def warnings(self) -> list[str]:
         count, last = self.redis.mget(self.MISSING_COUNT, self.MISSING_LAST)
         return [_missing_warning(int(count), last.decode())] if count and last else []
+
+
+class RecordWrite:
+    """Commands sent to Redis in one MULTI/EXEC on a pooled connection, their answer read by `finish()`."""
+
+    def __init__(self, pool, commands: list[tuple]):
+        self._pool = pool
+        self._connection = pool.get_connection()
+        self._answers = len(commands) + 2  # +OK for MULTI, QUEUED for each command, then EXEC's array
+        self._error = None
+        self._finished = False
+        try:
+            self._connection.send_packed_command(self._connection.pack_commands([("MULTI",), *commands, ("EXEC",)]))
+        except Exception:
+            self._close()
+            raise
+
+    def finish(self) -> None:
+        """Read Redis's answer (the first call only) and raise if the commands did not all run."""
+        if not self._finished:
+            self._finished = True
+            try:
+                answers = [self._connection.read_response() for _ in range(self._answers)]
+                failed = [answer for answer in answers[-1] if isinstance(answer, Exception)]
+                if failed:
+                    raise failed[0]
+            except Exception as error:
+                self._error = error
+                self._close()
+            else:
+                self._pool.release(self._connection)
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def failed(self) -> bool:
+        """The answer was read and the commands did not all run."""
+        return self._error is not None
+
+    def _close(self):
+        # An answer left unread on the connection would be taken for the next command's.
+        self._connection.disconnect()
+        self._pool.release(self._connection)
 
 
 def _missing_warning(count: int, last: str) -> str:

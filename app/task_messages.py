@@ -8,12 +8,14 @@ here build exactly the message `send_task` would (the tests compare them) and se
 - `RedisTaskMessages` hands back the Redis commands (an LPUSH) so that the publisher runs them
   in the same MULTI/EXEC as the group's pending record;
 - `AmqpTaskMessages` publishes on a RabbitMQ channel of the publishing thread's own and waits
-  for the broker's confirm.
+  for the broker's confirm (doing the caller's other write, the pending record, meanwhile).
 """
 import os
 import threading
 import time
 
+from amqp import spec
+from amqp.exceptions import MessageNacked
 from kombu import serialization
 
 TASK_FOR_QUEUE = {"default": "intake.persist_events", "batch_processing": "intake.persist_batch"}
@@ -86,41 +88,67 @@ class AmqpTaskMessages:
         self.timeout = timeout
         self._local = threading.local()  # a forked child's threads start without one
 
-    def publish(self, queue_name: str, task_id: str, args: list, headers: dict) -> None:
-        """Publish the task message and return once the broker has confirmed it (else raise)."""
-        started = time.monotonic()
+    def publish(self, queue_name: str, task_id: str, args: list, headers: dict, alongside=None) -> None:
+        """Publish the task message and return once the broker has confirmed it (else raise).
+
+        `alongside`, if given, is called once, as soon as the message is sent, while the broker
+        works: the publisher reads the pending record's answer there. What it raises is raised
+        here as it is, never retried.
+        """
+        started, done = time.monotonic(), []
+
+        def once():
+            if alongside is not None and not done:
+                try:
+                    alongside()
+                except Exception as error:
+                    raise _AlongsideFailed() from error
+                done.append(True)
+
         try:
-            self._publish(queue_name, task_id, args, headers, self.timeout)
+            self._publish(queue_name, task_id, args, headers, self.timeout, once)
+        except _AlongsideFailed as failed:
+            self._drop()  # the message's confirm is left unread
+            raise failed.__cause__ from None
         except Exception:
             self._drop()
-            left = self.timeout - (time.monotonic() - started)
-            if left < self.timeout / 2:
+            if self.timeout - (time.monotonic() - started) < self.timeout / 2:
                 raise
             # A second copy, if the first did reach the broker, is stored once (the pending
             # record and the events' keys make the worker idempotent).
             try:
-                self._publish(queue_name, task_id, args, headers, left)
+                self._publish(queue_name, task_id, args, headers, self.timeout - (time.monotonic() - started), once)
+            except _AlongsideFailed as failed:
+                self._drop()
+                raise failed.__cause__ from None
             except Exception:
                 self._drop()
                 raise
 
-    def _publish(self, queue_name, task_id, args, headers, timeout):
+    def _publish(self, queue_name, task_id, args, headers, timeout, alongside):
         channel = self._channel()
         message = _message(self.celery, channel, queue_name, task_id, args, headers)
-        # The anonymous exchange and the queue's name, as send_task routes a direct queue;
-        # kombu's pyamqp channel waits for the confirm (confirm_publish in AMQP_SETTINGS).
-        channel.basic_publish(message, exchange="", routing_key=queue_name, confirm_timeout=timeout)
+        # The anonymous exchange and the queue's name, as send_task routes a direct queue. The
+        # channel is in confirm mode but its connection does not wait in basic_publish (see
+        # _channel): the wait is py-amqp's basic_publish_confirm's, after `alongside`.
+        channel.basic_publish(message, exchange="", routing_key=queue_name)
+        alongside()
+        channel.wait([spec.Basic.Ack, spec.Basic.Nack], callback=_raise_if_nacked, timeout=timeout)
 
     def _channel(self):
         local = self._local
         if getattr(local, "channel", None) is None:
-            connection = self.celery.connection_for_write(connect_timeout=self.timeout)
+            # confirm_publish off for this connection: py-amqp would then wait inside
+            # basic_publish. The channel is put in confirm mode below and _publish waits.
+            connection = self.celery.connection_for_write(connect_timeout=self.timeout,
+                                                          transport_options={"confirm_publish": False})
             local.connection = connection
             # Each node of a failover list once, and no pause: kombu's default retries for ever,
             # which would hold the thread (and every request behind it) while the broker is down.
             nodes = len(self.celery.conf.broker_url.split(";"))
             connection.ensure_connection(max_retries=nodes, interval_start=0, interval_step=0, timeout=self.timeout)
             channel = connection.default_channel
+            channel.confirm_select()
             # Declared as the workers declare them (quorum queues), as send_task would: a
             # message to a queue nobody has declared yet would be confirmed and dropped.
             for name in TASK_FOR_QUEUE:
@@ -137,3 +165,12 @@ class AmqpTaskMessages:
                 connection.collect()  # closes the socket without a handshake that could block
             except Exception:
                 pass
+
+
+class _AlongsideFailed(Exception):
+    """The caller's own write failed, not the broker: raised as it is, never retried here."""
+
+
+def _raise_if_nacked(method, *args):
+    if method == spec.Basic.Nack:
+        raise MessageNacked()

@@ -224,3 +224,28 @@ def test_a_stored_group_is_fsynced_away_after_its_tombstone(folder_store, synced
     synced.clear()
     folder_store.split("default", "h", [[{"event_id": "e"}], [{"event_id": "f"}]], attempts=0, deliveries=1)
     assert synced[-2:] == ["stored", "default"]
+
+
+def test_a_record_sent_ahead_is_there_once_its_answer_is_read(test_environment):
+    store = RedisPendingStore(test_environment["REDIS_URL"], LEASE)
+    write = store.begin_put("default", "g-ahead", [{"event_id": "e-1"}])
+    write.finish()
+    write.finish()  # the answer is read once; a second call only reports it
+    assert not write.failed
+    taken = store.take("default", "g-ahead")
+    assert taken.status == "ok" and taken.record == {"attempts": 0, "events": [{"event_id": "e-1"}]}
+
+
+def test_a_record_redis_refuses_fails_its_write_and_leaves_no_answer_behind(test_environment, redis):
+    import redis as redis_lib
+
+    store = RedisPendingStore(test_environment["REDIS_URL"], LEASE)
+    redis.set(store.BODIES, "not a hash")
+    write = store.begin_put("default", "g-refused", [{"event_id": "e-1"}])
+    with pytest.raises(redis_lib.ResponseError):
+        write.finish()
+    assert write.failed
+    redis.delete(store.BODIES)
+    # The connection went back to the pool closed: the next command gets its own answer.
+    store.put("default", "g-next", [{"event_id": "e-2"}])
+    assert store.load("default", "g-next") == {"attempts": 0, "events": [{"event_id": "e-2"}]}

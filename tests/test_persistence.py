@@ -1,6 +1,7 @@
 """app/events.py in-process on real PostgreSQL and Redis: idempotent bulk writes, splitting, retries, dead letters."""
 import base64
 import json
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -211,11 +212,24 @@ def test_a_missing_record_is_not_a_duplicate_but_loud(ctx, app_id, pending, redi
     # The record and its tombstone are gone: as after a Redis restarted without persistence.
     pending.put("default", "g-lost", [make_event(app_id, event_id="lost")])
     redis.flushdb()
+    started = time.monotonic()
     assert events.persist_pending("default", "g-lost") == "missing"
+    # Only after waiting as long as the API waits for its writes, in case the record was on its way.
+    assert time.monotonic() - started >= ctx.config["INGEST_PUBLISH_TIMEOUT"]
     assert metrics.PENDING_MISSING.labels("default")._value.get() == before + 1
     [line] = [r for r in caplog.records if "g-lost" in r.getMessage()]
     assert line.levelname == "ERROR" and "missing" in line.getMessage()
     assert "g-lost" in pending.warnings()[0]
+
+
+def test_a_message_that_comes_before_its_record_waits_for_it(ctx, app_id, pending):
+    # On RabbitMQ the API sends the record, then the message, and reads both answers: the
+    # message may reach a worker first (app/publisher.py).
+    late = threading.Timer(0.05, pending.put, ("default", "g-late", [make_event(app_id, event_id="late")]))
+    late.start()
+    assert events.persist_pending("default", "g-late") == "stored"
+    late.join()
+    assert stored_ids(app_id) == ["late"]
 
 
 def test_redelivering_a_group_whose_events_are_stored_adds_no_rows(ctx, app_id, pending):

@@ -6,6 +6,7 @@ import pytest
 from kombu import Connection
 
 from app.publisher import QueueUnavailable, get_publisher
+from tests.private_redis import isolated_app
 
 BODIES = "intake:pending:bodies"
 EVENTS = [{"app_id": "a", "event_id": "e-1"}]
@@ -198,3 +199,26 @@ def test_an_unexpected_error_fails_the_requests_in_hand_and_the_thread_goes_on(s
     monkeypatch.setattr(slow_window, "_publish_for", real)
     assert isinstance(submit_all(slow_window, 1)[0], str)
     assert slow_window.threads_alive()
+
+
+@pytest.fixture
+def amqp_publisher(rabbit):
+    with isolated_app({"CELERY_BROKER_URL": rabbit.url}).app_context():
+        yield get_publisher()
+
+
+def test_on_rabbitmq_a_group_has_its_record_and_a_confirmed_message(amqp_publisher, rabbit, redis):
+    group_id = amqp_publisher.publish("default", EVENTS)
+    assert json.loads(redis.hget(BODIES, group_id))["events"] == EVENTS
+    assert rabbit.depth("default") == 1
+
+
+def test_on_rabbitmq_a_record_redis_refuses_is_a_503_and_its_message_stores_nothing(amqp_publisher, redis):
+    redis.set("intake:pending:flight:default", "not a sorted set")  # the record's transaction fails in Redis
+    with pytest.raises(QueueUnavailable, match="pending store unavailable"):
+        amqp_publisher.publish("default", EVENTS)
+    # The message may have reached the broker: the group's tombstone makes it a no-op for a worker.
+    [tombstone] = redis.keys("intake:pending:stored:*")
+    group_id = tombstone.decode().rsplit(":", 1)[1]
+    assert amqp_publisher.pending.take("default", group_id).status == "stored"
+    assert redis.hlen(BODIES) == 0

@@ -93,3 +93,36 @@ def test_a_broker_that_is_down_fails_the_publish_in_time(rabbit_proxy):
     with pytest.raises(Exception):
         messages.publish("default", "g-2", ["g-2"], {})  # kombu's own connection retries would go on for ever
     assert time.monotonic() - started < 1.5
+
+
+def test_alongside_runs_once_between_the_send_and_the_confirm(amqp_celery, rabbit):
+    messages = AmqpTaskMessages(amqp_celery, timeout=5)
+    calls = []
+    messages.publish("default", "g-1", ["g-1"], {}, alongside=lambda: calls.append("record read"))
+    assert calls == ["record read"] and rabbit.depth("default") == 1
+
+
+def test_an_error_alongside_is_raised_as_it_is_and_the_message_is_not_sent_again(amqp_celery, rabbit):
+    messages = AmqpTaskMessages(amqp_celery, timeout=5)
+    calls = []
+
+    def record_refused():
+        calls.append(1)
+        raise ConnectionError("redis away")
+
+    with pytest.raises(ConnectionError, match="redis away"):
+        messages.publish("default", "g-1", ["g-1"], {}, alongside=record_refused)
+    # Its confirm was left unread: the connection goes, so that it is never taken for the next one's.
+    assert calls == [1] and messages._local.connection is None
+    time.sleep(0.3)
+    assert rabbit.depth("default") <= 1
+
+
+def test_after_a_stale_connection_alongside_still_runs_once(rabbit, rabbit_proxy):
+    messages = AmqpTaskMessages(celery_on(rabbit_proxy.url), timeout=2)
+    messages.publish("default", "g-1", ["g-1"], {})
+    rabbit_proxy.stop()
+    rabbit_proxy.start()
+    calls = []
+    messages.publish("default", "g-2", ["g-2"], {}, alongside=lambda: calls.append(1))
+    assert calls == [1] and rabbit.depth("default") >= 2
