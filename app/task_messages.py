@@ -105,32 +105,27 @@ class AmqpTaskMessages:
                     raise _AlongsideFailed() from error
                 done.append(True)
 
-        try:
-            self._publish(queue_name, task_id, args, headers, self.timeout, once)
-        except _AlongsideFailed as failed:
-            self._drop()  # the message's confirm is left unread
-            raise failed.__cause__ from None
-        except Exception:
-            self._drop()
-            if self.timeout - (time.monotonic() - started) < self.timeout / 2:
-                raise
-            # A second copy, if the first did reach the broker, is stored once (the pending
-            # record and the events' keys make the worker idempotent).
+        for attempt in (1, 2):
             try:
                 self._publish(queue_name, task_id, args, headers, self.timeout - (time.monotonic() - started), once)
+                return
             except _AlongsideFailed as failed:
-                self._drop()
+                self._drop()  # the message's confirm is left unread
                 raise failed.__cause__ from None
             except Exception:
                 self._drop()
-                raise
+                # A stale connection (the broker restarted) is tried again on a new one while
+                # time is left. A second copy, if the first did reach the broker, is stored once
+                # (the pending record and the events' keys make the worker idempotent).
+                if attempt == 2 or self.timeout - (time.monotonic() - started) < self.timeout / 2:
+                    raise
 
     def _publish(self, queue_name, task_id, args, headers, timeout, alongside):
         channel = self._channel()
         message = _message(self.celery, channel, queue_name, task_id, args, headers)
         # The anonymous exchange and the queue's name, as send_task routes a direct queue. The
-        # channel is in confirm mode but its connection does not wait in basic_publish (see
-        # _channel): the wait is py-amqp's basic_publish_confirm's, after `alongside`.
+        # channel is in confirm mode, but basic_publish does not wait (see _channel): the wait
+        # below is the one py-amqp's basic_publish_confirm makes, moved after `alongside`.
         channel.basic_publish(message, exchange="", routing_key=queue_name)
         alongside()
         channel.wait([spec.Basic.Ack, spec.Basic.Nack], callback=_raise_if_nacked, timeout=timeout)
