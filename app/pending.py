@@ -189,11 +189,9 @@ class RedisPendingStore:
 
     def put(self, queue: str, group_id: str, events: list, attempts: int = 0, message=()) -> None:
         """Record a group; `message`: Redis commands publishing its broker message in the same transaction."""
-        now = time.time()
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(self.BODIES, group_id, _record(events, attempts))
-        pipe.zadd(self._flight_key(queue), {group_id: now})
-        pipe.zadd(self._accepted_key(queue), {group_id: now})
+        for command in self._record_commands(queue, group_id, events, attempts):
+            pipe.execute_command(*command)
         for command, args in message:
             getattr(pipe, command)(*args)
         pipe.execute()
@@ -205,12 +203,14 @@ class RedisPendingStore:
         one wait instead of two. A worker that takes the message before Redis has run the
         record waits for it (app/events.py).
         """
+        return RecordWrite(self.redis.connection_pool, self._record_commands(queue, group_id, events, 0))
+
+    def _record_commands(self, queue: str, group_id: str, events: list, attempts: int) -> list[tuple]:
+        """The Redis commands that record a group: its body, and its push and acceptance times."""
         now = time.time()
-        return RecordWrite(self.redis.connection_pool, [
-            ("HSET", self.BODIES, group_id, _record(events, 0)),
-            ("ZADD", self._flight_key(queue), now, group_id),
-            ("ZADD", self._accepted_key(queue), now, group_id),
-        ])
+        return [("HSET", self.BODIES, group_id, _record(events, attempts)),
+                ("ZADD", self._flight_key(queue), now, group_id),
+                ("ZADD", self._accepted_key(queue), now, group_id)]
 
     def load(self, queue: str, group_id: str) -> dict | None:
         body = self.redis.hget(self.BODIES, group_id)
@@ -298,7 +298,11 @@ class RedisPendingStore:
 
 
 class RecordWrite:
-    """Commands sent to Redis in one MULTI/EXEC on a pooled connection, their answer read by `finish()`."""
+    """Commands sent to Redis in one MULTI/EXEC on a pooled connection, their answer read by `finish()`.
+
+    What redis-py's transaction pipeline does, split in two: its `execute()` sends and reads in
+    one call. Only the Connection's public methods are used (pack, send, read, disconnect).
+    """
 
     def __init__(self, pool, commands: list[tuple]):
         self._pool = pool
