@@ -1412,6 +1412,16 @@ def cpu_per_event(phase) -> dict:
             "rabbitmq_server": phase["rabbitmq_cpu_ms_per_event"]}
 
 
+INTAKE_PARTS = ("api", "workers", "postgres")  # Intake's own processes; the rest are the broker servers
+
+
+def cpu_split(cost: dict) -> dict:
+    """CPU ms per stored event: Intake's own processes, the broker servers, and all of it."""
+    intake = _sum([cost[part] or 0 for part in INTAKE_PARTS])
+    servers = (cost["redis_server"] or 0) + (cost["rabbitmq_server"] or 0)
+    return {"intake": intake, "broker_servers": servers, "all": intake + servers}
+
+
 def ratio(a, b):
     """a / b, or None when either is missing (or b is 0)."""
     return a / b if a is not None and b else None
@@ -1514,6 +1524,14 @@ def broker_comparison(args, results):
                 entry["amqp_over_redis"]["per_run"] = {
                     f"{kind}_e2e": [ratio(a[kind]["e2e_events_per_s"], r[kind]["e2e_events_per_s"])
                                     for r, a in zip(runs["redis"], runs["amqp"])] for kind in ("single", "batch")}
+            # Where a gap comes from on a machine the brokers share with Intake: Redis's CPU per event
+            # over RabbitMQ's, for Intake's own processes and for everything. On a machine that is
+            # CPU-bound, "all" is about the amqp/redis throughput the CPU allows; "intake" is that
+            # ratio with the broker servers on hosts of their own.
+            entry["redis_over_amqp_cpu_per_event"] = {
+                kind: {part: ratio(cpu_split(redis_["cpu_ms_per_event"][kind])[part],
+                                   cpu_split(amqp["cpu_ms_per_event"][kind])[part]) for part in ("intake", "all")}
+                for kind in ("single", "batch")}
         compared[design] = entry
     if "intake" in results and "stock" in results:
         compared["intake_over_stock"] = {
@@ -1543,6 +1561,11 @@ def comparison_lines(compared) -> list[str]:
             parts.append(f"{kind} e2e {entry['amqp'][f'{kind}_e2e']:,.0f} / {entry['redis'][f'{kind}_e2e']:,.0f} "
                          f"events/s = {value:.2f}{met}" if value is not None else f"{kind} e2e n/a")
         lines.append(f"{design} amqp/redis: " + ", ".join(parts))
+        cpu_ratios = entry.get("redis_over_amqp_cpu_per_event", {})
+        if all(value["intake"] and value["all"] for value in cpu_ratios.values()):
+            lines.append("  CPU per event redis/amqp: " + ", ".join(
+                f"{kind} {value['intake']:.2f} for Intake's processes, {value['all']:.2f} with the broker servers"
+                for kind, value in cpu_ratios.items()))
         for broker in ("redis", "amqp"):
             figures = entry[broker]
             cpu = "; ".join(f"{kind} " + " ".join(f"{k.split('_')[0]} {v:.3f}" for k, v in cost.items()

@@ -78,24 +78,25 @@ def test_broker_comparison_gives_amqp_over_redis_and_the_target(tmp_path):
     args = run.parse_args(["--designs", "intake,stock", "--broker", "both", "--repeat", "2",
                            "--output", str(tmp_path / "x")])
 
-    def phase(e2e, publish=None):
+    def phase(e2e, publish=None, rabbitmq=0.2):
         return {"e2e_events_per_s": e2e, "api_cpu_ms_per_event": 0.5, "worker_cpu_ms_per_event": 0.3,
-                "postgres_cpu_ms_per_event": 0.1, "redis_cpu_ms_per_event": 0.05, "rabbitmq_cpu_ms_per_event": 0.2,
+                "postgres_cpu_ms_per_event": 0.1, "redis_cpu_ms_per_event": 0.05, "rabbitmq_cpu_ms_per_event": rabbitmq,
                 "publish_ms_per_message": publish, "events_per_message": 5.0, "messages_queued_at_load_end": 3,
                 "drain_s": 0.5}
 
-    def result(single, batch, runs=None):
+    def result(single, batch, runs=None, rabbitmq=0.2):
         return {"single_e2e_events_per_s": single, "batch_e2e_events_per_s": batch, "otlp_e2e_records_per_s": None,
                 "single_accepted_per_s": single, "batch_accepted_events_per_s": batch, "single_p50_ms": 5.0,
-                "single_p99_ms": 20.0, "batch_p50_ms": 30.0, "batch_p99_ms": 90.0, "single": phase(single, 2.0),
-                "batch": phase(batch, 9.0), "correct": True, "machine": {"foreign_load_cores": {}},
+                "single_p99_ms": 20.0, "batch_p50_ms": 30.0, "batch_p99_ms": 90.0,
+                "single": phase(single, 2.0, rabbitmq), "batch": phase(batch, 9.0, rabbitmq), "correct": True,
+                "machine": {"foreign_load_cores": {}},
                 "runs": runs}
 
     def runs(*pairs):
         return [{"single": {"e2e_events_per_s": s}, "batch": {"e2e_events_per_s": b}} for s, b in pairs]
 
     compared = run.broker_comparison(args, {
-        "intake": {"redis": result(1000, 40000, runs((1000, 40000), (900, 42000))),
+        "intake": {"redis": result(1000, 40000, runs((1000, 40000), (900, 42000)), rabbitmq=0.0),
                    "amqp": result(950, 34000, runs((800, 34000), (990, 36000)))},
         "stock": {"redis": result(400, 16000), "amqp": result(300, 16000)}})
     intake = compared["intake"]["amqp_over_redis"]
@@ -114,6 +115,29 @@ def test_broker_comparison_gives_amqp_over_redis_and_the_target(tmp_path):
     assert lines[0] == ("intake amqp/redis: single e2e 950 / 1,000 events/s = 0.95 (meets 0.9), "
                         "batch e2e 34,000 / 40,000 events/s = 0.85 (misses 0.9)")
     assert any(line.startswith("intake/stock on amqp: single 3.17") for line in lines)
+
+
+def test_broker_comparison_splits_cpu_per_event_into_intakes_processes_and_the_broker_servers(tmp_path):
+    args = run.parse_args(["--broker", "both", "--output", str(tmp_path / "x")])
+
+    def result(api, redis_server, rabbitmq_server):
+        phase = {"e2e_events_per_s": 500.0, "api_cpu_ms_per_event": api, "worker_cpu_ms_per_event": 0.5,
+                 "postgres_cpu_ms_per_event": 0.25, "redis_cpu_ms_per_event": redis_server,
+                 "rabbitmq_cpu_ms_per_event": rabbitmq_server, "publish_ms_per_message": None,
+                 "events_per_message": 4.0, "messages_queued_at_load_end": 0, "drain_s": 0.1}
+        return {"single_e2e_events_per_s": 500.0, "batch_e2e_events_per_s": 500.0, "otlp_e2e_records_per_s": None,
+                "single_accepted_per_s": 500.0, "batch_accepted_events_per_s": 500.0, "single_p50_ms": 5.0,
+                "single_p99_ms": 20.0, "batch_p50_ms": 30.0, "batch_p99_ms": 90.0, "single": phase, "batch": phase,
+                "correct": True, "machine": {"foreign_load_cores": {}}, "runs": None}
+
+    # The same CPU in Intake's processes; RabbitMQ takes 0.35 ms per event where Redis takes 0.1.
+    compared = run.broker_comparison(args, {"intake": {"redis": result(1.25, 0.1, 0.0),
+                                                       "amqp": result(1.25, 0.05, 0.35)}})
+    split = compared["intake"]["redis_over_amqp_cpu_per_event"]["single"]
+    assert split["intake"] == 1.0
+    assert split["all"] == 2.1 / 2.4
+    assert "  CPU per event redis/amqp: single 1.00 for Intake's processes, 0.88 with the broker servers, " \
+           "batch 1.00 for Intake's processes, 0.88 with the broker servers" in run.comparison_lines(compared)
 
 
 def test_row_shapes_stores_the_contracts_otlp_payload_and_measures_every_shape():
