@@ -310,7 +310,8 @@ def _take_once_written(pending, queue: str, group_id: str, wait: float):
     On RabbitMQ the API sends the record to Redis, then the message, and reads both answers
     (app/publisher.py): the message can come first. Past `wait` the API has answered 503.
     """
-    taken, deadline, pause = pending.take(queue, group_id), time.monotonic() + wait, 0.005
+    deadline, pause = time.monotonic() + wait, 0.005
+    taken = pending.take(queue, group_id)
     while taken.status == "missing" and time.monotonic() < deadline:
         time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
         pause *= 2

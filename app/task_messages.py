@@ -95,15 +95,16 @@ class AmqpTaskMessages:
         works: the publisher reads the pending record's answer there. What it raises is raised
         here as it is, never retried.
         """
-        started, done = time.monotonic(), []
+        started, still_to_call = time.monotonic(), alongside
 
         def once():
-            if alongside is not None and not done:
+            nonlocal still_to_call
+            if still_to_call is not None:
+                call, still_to_call = still_to_call, None
                 try:
-                    alongside()
+                    call()
                 except Exception as error:
                     raise _AlongsideFailed() from error
-                done.append(True)
 
         for attempt in (1, 2):
             try:
